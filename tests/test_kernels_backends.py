@@ -108,15 +108,16 @@ def test_penalty_forward_backward(backend, dtype, B, neurons):
     out = kernels.site_forward(zr, mean, var, thr, shift, mode="penalty", compensation=C, lam=lam,
                                backend=backend)
     _check_stats(out, z, mean, var, thr, shift)
-    assert out.z_out is zr  # z itself
+    # z_out: a view of z (no copy) through which z's other gradient reaches the penalty's backward
+    assert out.z_out is not zr and out.z_out._base is zr and out.z_out.data_ptr() == zr.data_ptr()
 
     ref_loss, _ = F.ms_penalty(z, mean, var, thr, lam, 1e-6, C)
     assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-5, atol=1e-5)
 
-    # Penalty gradient (autograd adds it to z's other gradient) ...
+    # Penalty gradient alone (z_out unused) ...
     g = torch.tensor(1.7)
-    (grad,) = torch.autograd.grad(out.loss, zr, g)
+    (grad,) = torch.autograd.grad(out.loss, zr, g, retain_graph=True)
     ref_grad = (F.ms_penalty_grad(z, mean, var, thr, lam, 1e-6, C) * g).to(dtype)
     assert grad.dtype == dtype
     _assert_grad_close(grad, ref_grad, dtype)
@@ -135,6 +136,61 @@ def test_penalty_forward_backward(backend, dtype, B, neurons):
     g_in_place = g_out.clone()
     be.penalty_backward(z, mean, denom, thr, g_in_place, g, lam, 1e-6, out=g_in_place)
     assert torch.equal(g_in_place, grad2)
+    # Through autograd: z_out's gradient and the loss's meet in the one fused pass; the caller's
+    # gradient tensor (held by Python) is never written.
+    g_keep = g_out.clone()
+    (grad3,) = torch.autograd.grad([out.z_out, out.loss], zr, [g_out, g])
+    assert torch.equal(grad3, grad2) and torch.equal(g_out, g_keep)
+    # fuse_grad=False: z_out is z, the penalty gradient is a separate autograd input
+    out_nf = kernels.site_forward(zr, mean, var, thr, shift, mode="penalty", compensation=C, lam=lam,
+                                  backend=backend, fuse_grad=False)
+    assert out_nf.z_out is zr
+    (grad4,) = torch.autograd.grad(out_nf.loss, zr, g)
+    assert torch.equal(grad4, grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_penalty_backward_writes_only_into_gradients_autograd_alone_holds(backend):
+    """In place into z_out's incoming gradient exactly when nothing else can see it; every case's
+    gradients equal the reference's."""
+    B, neurons = 3, (24, 20)
+    z0, mean, var, shift = _case(B, neurons, torch.float32, seed=4)
+    thr = _thr(z0, mean, var, frac=0.1)
+    lam, w = 0.3, torch.randn(B, *neurons, generator=torch.Generator().manual_seed(9))
+    pen = F.ms_penalty_grad(z0, mean, var, thr, lam, 1e-6, C)
+    assert (pen != 0).sum() > 20
+
+    def run(case):
+        x = z0.clone().requires_grad_(True)
+        z = x * 1.0                               # a non-leaf block output
+        h = torch.zeros_like(z0, requires_grad=True)
+        h1 = h * 1.0      # made before the penalty: its backward runs after the penalty's
+        out = kernels.site_forward(z, mean, var, thr, shift, mode="penalty", compensation=C, lam=lam,
+                                   backend=backend)
+        ptr, kept = {}, []
+        out.z_out.register_hook(lambda g: ptr.__setitem__("in", g.data_ptr()))
+        z.register_hook(lambda g: ptr.__setitem__("out", g.data_ptr()))
+        zo = out.z_out
+        if case == "shared":   # AddBackward hands one tensor to both inputs; h1's node still holds it
+            zo = zo + h1
+        elif case == "hook_keeps":
+            out.z_out.register_hook(lambda g: kept.append(g))
+        elif case == "retain_grad":
+            out.z_out.retain_grad()
+        ((zo * w).sum() + out.loss).backward()
+        torch.testing.assert_close(x.grad, w + pen, rtol=0, atol=1e-6)
+        if case == "shared":
+            assert torch.equal(h.grad, w)          # the other input's gradient was not written
+        if case == "hook_keeps":
+            assert torch.equal(kept[0], w)
+        if case == "retain_grad":
+            assert torch.equal(out.z_out.grad, w)
+        return ptr["in"] == ptr["out"]
+
+    assert run("fresh")                           # MulBackward's fresh gradient: written in place
+    for case in ("shared", "hook_keeps"):
+        assert not run(case), case
+    run("retain_grad")                            # retain_grad keeps its own copy: either way is right
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -287,3 +343,35 @@ def test_cpu_large_outputs_on_huge_pages():
     assert big.shape == (3, 1 << 22) and big.is_contiguous()
     big.fill_(2.0)
     assert float(big.sum()) == 2.0 * 3 * (1 << 22)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_parallel_kernels_equal_their_serial_twins(dtype):
+    """Small work runs each kernel's serial twin (no thread launch), large work the parallel one:
+    the same loops, so the same bits — counts, accumulated sums, log-sum partials, gradients."""
+    import numba
+    import numpy as np
+    from megatron_l2e.l2e.kernels import cpu, fused
+    B, N = 3, 3 * 8192 + 77                                   # several chunks and a ragged tail
+    z, mean, var, shift = _case(B, (N,), dtype, seed=12)
+    thr = _thr(z, mean, var, frac=0.03)
+    denom = fused.denominator(var, C)
+    zw, vec = cpu._words(z.contiguous()), cpu._vec
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    results = []
+    for kernel in (cpu._forward_kernel, cpu._serial_twin(cpu._forward_kernel)):
+        nc = cpu._n_chunks(N)
+        counts, loss = np.zeros((nc, B), np.int64), np.zeros(nc, np.float64)
+        s1, s2 = np.full(N, 0.5, np.float32), np.full(N, 2.0, np.float32)     # accumulate onto these
+        kernel(zw, vec(mean), vec(denom), vec(thr), vec(shift), 1, 1e-6, zw[:1, :1], counts, loss, s1, s2, True)
+        results.append((counts, loss, s1, s2))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    assert results[0][0].sum() > 0
+    grads = []
+    for kernel in (cpu._penalty_backward_kernel, cpu._serial_twin(cpu._penalty_backward_kernel)):
+        gi = g.clone()
+        kernel(zw, vec(mean), vec(denom), vec(thr), cpu._words(gi), True, True, 1.3, 0.6, 1e-6, cpu._words(gi))
+        grads.append(gi)
+    assert torch.equal(grads[0], grads[1]) and not torch.equal(grads[0], g)

@@ -39,6 +39,20 @@ def test_auto_kernel_matches_reference_over_training_steps(inhibition, lam):
         runs[kernel] = (model, L2E.attach(model, cfg, global_batch_size=4), torch.optim.SGD(model.parameters(), lr=0.05))
     assert kernels.resolve_backend("auto", torch.zeros(1)) == "cpu"
 
+    # Where the fused penalty's z_out (a view of the block output z) gets its gradient, and where z's
+    # gradient lands: the same buffer when the backward wrote into the incoming gradient in place —
+    # what GPT-NeoX's next block (two layer norms and the residual add) hands over.
+    in_place = []
+
+    def watch(module, args, output):
+        zo = output[0] if isinstance(output, tuple) else output
+        if zo._base is not None and zo.grad_fn is not None and "Penalty" in type(zo.grad_fn).__name__:
+            ptr = {}
+            zo.register_hook(lambda g: ptr.__setitem__("in", g.data_ptr()))
+            zo._base.register_hook(lambda g: in_place.append(ptr.get("in") == g.data_ptr()))
+    model_auto, l2e_auto, _ = runs["auto"]
+    watchers = [model_auto.gpt_neox.layers[i].register_forward_hook(watch) for i in l2e_auto.sites]
+
     g = torch.Generator().manual_seed(1)
     threshold_phase = []        # metrics of the auto run's steps selected by the moving threshold
     for step in range(5):
@@ -67,3 +81,6 @@ def test_auto_kernel_matches_reference_over_training_steps(inhibition, lam):
     assert any(m["selected_frac"] > 0 for m in threshold_phase)
     if inhibition == "regularizer":
         assert any(m["penalty"] != 0 for m in threshold_phase)
+        assert in_place and all(in_place), in_place
+    for w in watchers:
+        w.remove()

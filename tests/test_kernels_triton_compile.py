@@ -38,9 +38,11 @@ SCRIPT = textwrap.dedent("""
             z = P[dt]
             jobs = {
                 "forward_rd": (tk._forward_kernel, [z, z] + ["*fp32"] * 4 + ["*i32", "*fp32", "*fp32", "*fp32",
-                               "i32", "i32", "fp32", "constexpr", "constexpr"], {"MODE": 2, "BLOCK": 1024}),
+                               "i32", "i32", "fp32", "constexpr", "constexpr", "constexpr"],
+                               {"MODE": 2, "ACCUMULATE": False, "BLOCK": 1024}),
                 "forward_pen": (tk._forward_kernel, [z, z] + ["*fp32"] * 4 + ["*i32", "*fp32", "*fp32", "*fp32",
-                                "i32", "i32", "fp32", "constexpr", "constexpr"], {"MODE": 1, "BLOCK": 1024}),
+                                "i32", "i32", "fp32", "constexpr", "constexpr", "constexpr"],
+                                {"MODE": 1, "ACCUMULATE": True, "BLOCK": 1024}),
                 "penalty_bwd": (tk._penalty_backward_kernel, [z, z, z] + ["*fp32"] * 4 + ["fp32", "i32", "fp32",
                                 "constexpr", "constexpr"], {"HAS_GOUT": True, "BLOCK": 1024}),
                 "rd_bwd": (tk._rd_backward_kernel, [z, z, z] + ["*fp32"] * 3 + ["i32", "fp32", "constexpr"],

@@ -50,7 +50,7 @@ def in_backward_recompute() -> bool:
 class _StepAcc:
     """This rank's sums over the micro-batches of the current optimizer step (device tensors)."""
 
-    sum_d: Tensor | None = None      # [S, H] Σ (z − mean)
+    sum_d: Tensor | None = None      # [S, H] Σ (z − mean): the site's buffer (or fp64, first step)
     sum_d2: Tensor | None = None     # [S, H] Σ (z − mean)²
     samples: int = 0
     scalars: dict[str, Tensor] = field(default_factory=dict)  # selected, kth_sum, kth_n, penalty, ...
@@ -88,6 +88,9 @@ class L2ESite:
         self.warm_n = 0
         # per step
         self.measure = False                # grad_ratio / phi_selected on this step (set by the manager)
+        # The kernels write/add each micro-batch's shifted sums into these two [S, H] fp32 buffers,
+        # reused step after step (fresh ones cost page faults on CPU, and a separate add pass).
+        self._sum_bufs: tuple[Tensor, Tensor] | None = None
         self._acc = _StepAcc()
         self._pending: list[Tensor] = []    # micro-batch penalties not yet popped
         self._metrics: dict[str, float] = {}
@@ -129,6 +132,9 @@ class L2ESite:
                 f"{list(self.shape)} seen before; the MS statistics need a fixed sequence length")
         if self.mean.device != z.device:
             self.mean, self.var = self.mean.to(z.device), self.var.to(z.device)
+        if self._sum_bufs is None or self._sum_bufs[0].device != z.device or self._sum_bufs[0].shape != neurons:
+            self._sum_bufs = (torch.zeros(neurons, dtype=torch.float32, device=z.device),
+                              torch.zeros(neurons, dtype=torch.float32, device=z.device))
 
     def forward(self, z: Tensor) -> Tensor | None:
         """Process one training micro-batch ``z`` ``[B, *neurons]``; returns the replacement output or None."""
@@ -155,16 +161,23 @@ class L2ESite:
         elif scoring and cfg.inhibition == "reverse_deactivation":
             mode = "reverse_deactivation"
         # grad_ratio: the penalty and the rest of the network read z through two separate views, so a
-        # tensor hook on each sees its own gradient. Views change no value and save no tensor.
+        # tensor hook on each sees its own gradient. Views change no value and save no tensor. Other
+        # steps pass the penalty's z_out on, so one backward pass adds both gradients (fuse_grad).
         split_views = self.measure and mode == "penalty" and z.requires_grad
         z_pen = z.view_as(z) if split_views else z
+        # This step's sums go straight into the site's buffers — except in a checkpoint recompute
+        # (already counted) and on the very first step (exact fp64 sums below).
+        into_bufs = not recompute and self.count > 0
         out = kernels.site_forward(z_pen, mean, var, thr, mean, mode=mode, compensation=cfg.compensation,
-                                   lam=cfg.lam, eps=cfg.eps, delta=cfg.delta, backend=cfg.kernel)
+                                   lam=cfg.lam, eps=cfg.eps, delta=cfg.delta, backend=cfg.kernel,
+                                   sums=self._sum_bufs if into_bufs else None,
+                                   accumulate=into_bufs and self._acc.sum_d is not None,
+                                   fuse_grad=not split_views)
         result: Tensor | None = None
-        if mode == "reverse_deactivation":
-            result = out.z_out
-        elif split_views:
+        if split_views:
             result = z.view_as(z)
+        elif out.z_out is not z:
+            result = out.z_out          # Reverse Deactivation's output, or the fused penalty's view of z
         elif cfg.inhibition == "dropout":
             result = nnF.dropout(z, p=cfg.dropout_p, training=True)
 
@@ -173,7 +186,7 @@ class L2ESite:
                 with torch.no_grad():
                     d = z.detach().double() - mean.double()
                     out = out._replace(sum_d=d.sum(0), sum_d2=d.square().sum(0))
-            self._accumulate(z, out, thr if exact else None, scoring)
+            self._accumulate(z, out, thr if exact else None, scoring, into_bufs)
             if out.loss is not None:
                 self._pending.append(out.loss)
             if split_views:
@@ -182,10 +195,14 @@ class L2ESite:
         return result
 
     @torch.no_grad()
-    def _accumulate(self, z: Tensor, out: kernels.SiteOutput, kth: Tensor | None, scoring: bool) -> None:
+    def _accumulate(self, z: Tensor, out: kernels.SiteOutput, kth: Tensor | None, scoring: bool,
+                    into_bufs: bool) -> None:
         acc = self._acc
-        acc.sum_d = out.sum_d if acc.sum_d is None else acc.sum_d + out.sum_d
-        acc.sum_d2 = out.sum_d2 if acc.sum_d2 is None else acc.sum_d2 + out.sum_d2
+        if into_bufs:   # the kernel already added this micro-batch into the site's buffers
+            acc.sum_d, acc.sum_d2 = out.sum_d, out.sum_d2
+        else:
+            acc.sum_d = out.sum_d if acc.sum_d is None else acc.sum_d + out.sum_d
+            acc.sum_d2 = out.sum_d2 if acc.sum_d2 is None else acc.sum_d2 + out.sum_d2
         acc.samples += z.shape[0]
         acc.add("selected", out.counts.sum())
         if kth is not None:

@@ -53,7 +53,8 @@ def resolve_backend(backend: str, z: Tensor) -> str:
 
 def site_forward(z: Tensor, mean: Tensor, var: Tensor, thr: Tensor, shift: Tensor, *, mode: str,
                  compensation: float, lam: float = 0.0, eps: float = 1e-6, delta: float = 1.0,
-                 backend: str = "auto") -> SiteOutput:
+                 backend: str = "auto", sums: tuple[Tensor, Tensor] | None = None, accumulate: bool = False,
+                 fuse_grad: bool = True) -> SiteOutput:
     """One site, one micro-batch: selection, counts, shifted sums and the mode's inhibition.
 
     z ``[B, *neurons]`` fp32/fp16/bf16; mean, var, shift ``[*neurons]`` fp32; thr ``[B]`` fp32
@@ -61,16 +62,23 @@ def site_forward(z: Tensor, mean: Tensor, var: Tensor, thr: Tensor, shift: Tenso
 
     mode ``"stats"``: ``z_out`` is ``z``, no loss. ``"penalty"``: ``loss`` = λ·Σ_sel log((z − mean)² + eps)
     (0-d fp32, differentiable in z; backward ``g·λ·2(z − mean)/((z − mean)² + eps)`` on selected elements,
-    recomputing the mask from z, mean, var, thr). ``"reverse_deactivation"``: ``z_out`` takes ``mean`` on
-    selected elements (forward) and passes ``−Δ·g`` there (backward). Always: ``counts`` ``[B]`` int64,
-    ``sum_d``/``sum_d2`` ``[*neurons]`` fp32 = Σ_b (z − shift), Σ_b (z − shift)².
+    recomputing the mask from z, mean, var, thr). The caller passes ``z_out`` on in place of z: on the fused
+    backends (with ``fuse_grad``, when z requires grad) it is a view of z whose gradient meets the loss's in
+    one backward pass over Z; on the reference it is z itself. ``"reverse_deactivation"``: ``z_out`` takes
+    ``mean`` on selected elements (forward) and passes ``−Δ·g`` there (backward). Always: ``counts`` ``[B]``
+    int64, ``sum_d``/``sum_d2`` ``[*neurons]`` fp32 = Σ_b (z − shift), Σ_b (z − shift)² — written into the
+    caller's ``sums`` buffers (two contiguous fp32 ``[*neurons]`` tensors; ``accumulate``: added to them)
+    when given, fresh tensors otherwise.
     """
     name = resolve_backend(backend, z)
     if name == "reference":
+        if sums is not None:
+            sums = fused.check_sums(sums, z.shape[1:], z.device)
         return reference.site_forward(z, mean, var, thr, shift, mode=mode, compensation=compensation,
-                                      lam=lam, eps=eps, delta=delta)
+                                      lam=lam, eps=eps, delta=delta, sums=sums, accumulate=accumulate)
     return fused.site_forward(_module(name), z, mean, var, thr, shift, mode=mode, compensation=compensation,
-                              lam=lam, eps=eps, delta=delta)
+                              lam=lam, eps=eps, delta=delta, sums=sums, accumulate=accumulate,
+                              fuse_grad=fuse_grad)
 
 
 def kth_score(z: Tensor, mean: Tensor, var: Tensor, k: int, *, compensation: float,

@@ -4,20 +4,23 @@ Each backend module provides the same four functions on ``z`` ``[B, *neurons]`` 
 precomputed denominator ``denom = max(var + c·mean(var), tiny)`` ``[*neurons]`` (computed here
 once, with the very ops of ``ms_score``, so every backend selects exactly what the reference does):
 
-* ``forward(z, mean, denom, thr, shift, *, mode, eps) → (z_out | None, counts, logsum | None, sum_d, sum_d2)``
-* ``penalty_backward(z, mean, denom, thr, grad_out | None, g, lam, eps) → grad_in``
+* ``forward(z, mean, denom, thr, shift, *, mode, eps, sums, accumulate) → (z_out | None, counts, logsum | None, sum_d, sum_d2)``
+* ``penalty_backward(z, mean, denom, thr, grad_out | None, g, lam, eps, *, out) → grad_in``
 * ``rd_backward(z, mean, denom, thr, grad_out, delta) → grad_in``
 * ``kth_score(z, mean, denom, k) → [B]``
 
-Penalty: ``z_out`` is ``z`` itself (the interface's contract); the Function's backward writes the
-penalty gradient in one pass over Z and autograd adds it to z's other gradient. The kernels also
-take that other gradient (``penalty_backward(grad_out=...)`` writes ``grad_out + g·λ·2d/(d²+eps)``
-in the same single pass); a caller that routes z through the penalty could use that. Only ``z``
-and ``[*neurons]``/``[B]`` tensors are saved: the selection is recomputed in backward.
+Penalty: ``z_out`` is a view of ``z`` through which z's other gradient reaches the Function's
+backward, which returns ``grad_out + g·λ·2d/(d²+eps)`` in one pass over Z (in place when autograd
+alone holds ``grad_out``). Only ``z`` and ``[*neurons]``/``[B]`` tensors are saved: the selection is
+recomputed in backward. ``sums`` lets the caller keep its step sums in its own buffers: the kernel
+writes (or adds, ``accumulate``) the micro-batch's shifted sums there — no fresh ``[*neurons]``
+outputs, whose first touch costs page faults on CPU, and no separate accumulation pass.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 import weakref
 from types import ModuleType
 
@@ -46,32 +49,96 @@ def denominator(var: Tensor, compensation: float) -> Tensor:
     return denom
 
 
-class _Penalty(torch.autograd.Function):
+def _grad_refs(g: Tensor) -> tuple[int, int, int]:
+    """(C++ owners of g's TensorImpl, Python references to g, owners of its storage)."""
+    return g._use_count(), sys.getrefcount(g), torch._C._storage_Use_Count(g.untyped_storage()._cdata)
+
+
+class _RefProbe(torch.autograd.Function):
+    """Measures :func:`_grad_refs` of a gradient that only autograd holds, reached exactly the way
+    ``_Penalty.backward`` reaches its incoming gradient (so the Python reference count of the call
+    path is calibrated, not assumed)."""
+
+    seen: list = []
+
     @staticmethod
-    def forward(ctx, z, mean, denom, thr, shift, lam, eps, backend):
-        _, counts, logsum, sum_d, sum_d2 = backend.forward(z, mean, denom, thr, shift, mode="penalty", eps=eps)
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _RefProbe.seen.append(_owned_by_autograd(g, None, calibrate=True))
+        return g
+
+
+@functools.cache
+def _exclusive_refs() -> tuple[int, int, int] | None:
+    if not hasattr(Tensor, "_use_count") or not hasattr(torch._C, "_storage_Use_Count"):
+        return None
+    with torch.enable_grad():
+        x = torch.zeros(4, requires_grad=True)
+        (_RefProbe.apply(x * 1.0) * 2.0).sum().backward()   # MulBackward hands over a fresh gradient
+    refs = _RefProbe.seen.pop()
+    return refs if refs[0] == 1 else None
+
+
+def _owned_by_autograd(g: Tensor, z: Tensor | None, calibrate: bool = False):
+    """True when nothing but autograd's call into this backward holds ``g`` — no other graph node
+    (a gradient that ``a + b`` hands to both inputs), no Python reference (a hook that kept it, the
+    caller's ``grad_tensors``), no other tensor on its storage — so the backward may write its result
+    into it. PyTorch's own gradient accumulation uses the same rule (``use_count() == 1``); the
+    Python side is compared with a probe's count, taken through this very function (``calibrate``:
+    return the counts) so the call path adds the same references. Any doubt: False (out of place)."""
+    refs = _grad_refs(g)
+    if calibrate:
+        return refs
+    base = _exclusive_refs()
+    if base is None or torch.is_grad_enabled() or g.requires_grad or g._is_view():
+        return False
+    if g.dtype != z.dtype or g.device != z.device or g.shape != z.shape or not g.is_contiguous():
+        return False
+    return refs[0] == 1 and refs[1] <= base[1] and refs[2] <= base[2]
+
+
+class _Penalty(torch.autograd.Function):
+    """Outputs ``(z_out, loss, counts, sum_d, sum_d2)``.
+
+    ``fuse_grad``: ``z_out`` is a view of ``z`` (no copy), so the gradient the rest of the network
+    sends to z arrives here together with the loss's, and one pass over Z returns their sum
+    ``g_z + g·λ·2d/(d² + eps)`` — written into ``g_z`` itself when autograd alone holds it
+    (``_owned_by_autograd``: reads Z, read-modify-writes only the selected elements), else into a
+    new tensor. Without ``fuse_grad`` (``z_out`` None: the caller reads z directly) the backward
+    returns the penalty gradient alone and autograd adds it to z's other gradient — one more pass,
+    used where the two gradients are measured apart.
+    """
+
+    @staticmethod
+    def forward(ctx, z, mean, denom, thr, shift, lam, eps, backend, sums, accumulate, fuse_grad):
+        _, counts, logsum, sum_d, sum_d2 = backend.forward(z, mean, denom, thr, shift, mode="penalty", eps=eps,
+                                                           sums=sums, accumulate=accumulate)
         loss = (logsum * lam).to(torch.float32)
         ctx.save_for_backward(z, mean, denom, thr)
         ctx.consts = (lam, eps, backend)
         ctx.mark_non_differentiable(counts, sum_d, sum_d2)
         ctx.set_materialize_grads(False)
-        return loss, counts, sum_d, sum_d2
+        return (z.view_as(z) if fuse_grad else None), loss, counts, sum_d, sum_d2
 
     @staticmethod
-    def backward(ctx, g_loss, _gc, _gd, _gd2):
+    def backward(ctx, g_z, g_loss, _gc, _gd, _gd2):
+        none = (None,) * 10
         if g_loss is None:
-            return None, None, None, None, None, None, None, None
+            return (g_z, *none)
         z, mean, denom, thr = ctx.saved_tensors
         lam, eps, backend = ctx.consts
-        grad = backend.penalty_backward(z, mean, denom, thr, None, g_loss, lam, eps)
-        return grad, None, None, None, None, None, None, None
+        out = g_z if g_z is not None and _owned_by_autograd(g_z, z) else None
+        return (backend.penalty_backward(z, mean, denom, thr, g_z, g_loss, lam, eps, out=out), *none)
 
 
 class _ReverseDeactivation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, mean, denom, thr, shift, delta, backend):
-        z_out, counts, _, sum_d, sum_d2 = backend.forward(z, mean, denom, thr, shift,
-                                                         mode="reverse_deactivation", eps=1.0)
+    def forward(ctx, z, mean, denom, thr, shift, delta, backend, sums, accumulate):
+        z_out, counts, _, sum_d, sum_d2 = backend.forward(z, mean, denom, thr, shift, mode="reverse_deactivation",
+                                                         eps=1.0, sums=sums, accumulate=accumulate)
         ctx.save_for_backward(z, mean, denom, thr)
         ctx.consts = (delta, backend)
         ctx.mark_non_differentiable(counts, sum_d, sum_d2)
@@ -81,25 +148,44 @@ class _ReverseDeactivation(torch.autograd.Function):
     def backward(ctx, g, _gc, _gd, _gd2):
         z, mean, denom, thr = ctx.saved_tensors
         delta, backend = ctx.consts
-        return backend.rd_backward(z, mean, denom, thr, g, delta), None, None, None, None, None, None
+        return backend.rd_backward(z, mean, denom, thr, g, delta), *(None,) * 8
+
+
+def check_sums(sums, neurons: torch.Size, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The caller's step-sum buffers: two contiguous fp32 tensors of the site's neuron shape on z's device."""
+    if not isinstance(sums, (tuple, list)) or len(sums) != 2 or any(
+            not isinstance(s, Tensor) or s.shape != neurons or s.dtype != torch.float32
+            or not s.is_contiguous() or s.device != device or s.requires_grad for s in sums):
+        raise ValueError(f"site_forward: sums must be two contiguous fp32 tensors of shape {list(neurons)} "
+                         f"on {device} that do not require grad")
+    return sums[0], sums[1]
 
 
 def site_forward(backend: ModuleType, z: Tensor, mean: Tensor, var: Tensor, thr: Tensor, shift: Tensor, *,
                  mode: str, compensation: float, lam: float = 0.0, eps: float = 1e-6,
-                 delta: float = 1.0) -> SiteOutput:
+                 delta: float = 1.0, sums: tuple[Tensor, Tensor] | None = None, accumulate: bool = False,
+                 fuse_grad: bool = True) -> SiteOutput:
     """:func:`megatron_l2e.l2e.kernels.site_forward` on a fused backend module."""
     if mode not in MODES:
         raise ValueError(f"site_forward: mode must be one of {MODES}, got {mode!r}")
+    if sums is not None:
+        sums = check_sums(sums, z.shape[1:], z.device)
     denom = denominator(var, compensation)
     mean, thr, shift = (t.detach().to(torch.float32) for t in (mean, thr, shift))
     if mode == "penalty":
-        loss, counts, sum_d, sum_d2 = _Penalty.apply(z, mean, denom, thr, shift, lam, eps, backend)
-        return SiteOutput(z, loss, counts, sum_d, sum_d2)
+        fuse = fuse_grad and z.requires_grad and torch.is_grad_enabled()
+        if fuse:
+            _exclusive_refs()   # calibrate now (once per process), not inside a backward
+        z_out, loss, counts, sum_d, sum_d2 = _Penalty.apply(z, mean, denom, thr, shift, lam, eps, backend,
+                                                            sums, accumulate, fuse)
+        return SiteOutput(z if z_out is None else z_out, loss, counts, sum_d, sum_d2)
     if mode == "reverse_deactivation":
-        z_out, counts, sum_d, sum_d2 = _ReverseDeactivation.apply(z, mean, denom, thr, shift, delta, backend)
+        z_out, counts, sum_d, sum_d2 = _ReverseDeactivation.apply(z, mean, denom, thr, shift, delta, backend,
+                                                                  sums, accumulate)
         return SiteOutput(z_out, None, counts, sum_d, sum_d2)
     with torch.no_grad():
-        _, counts, _, sum_d, sum_d2 = backend.forward(z, mean, denom, thr, shift, mode="stats", eps=eps)
+        _, counts, _, sum_d, sum_d2 = backend.forward(z, mean, denom, thr, shift, mode="stats", eps=eps,
+                                                      sums=sums, accumulate=accumulate)
     return SiteOutput(z, None, counts, sum_d, sum_d2)
 
 

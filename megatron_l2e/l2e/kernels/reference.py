@@ -20,7 +20,8 @@ MODES = ("stats", "penalty", "reverse_deactivation")
 
 
 class SiteOutput(NamedTuple):
-    z_out: Tensor          # z itself (stats/penalty) or the Reverse-Deactivated tensor, z's dtype
+    z_out: Tensor          # stats: z; penalty: z, or (fused backends) a view of z carrying z's other
+                           # gradient into the penalty's backward; reverse_deactivation: a new tensor
     loss: Tensor | None    # 0-d fp32 λ·Σ_sel log((z − mean)² + eps) for mode "penalty", else None
     counts: Tensor         # [B] int64 selected elements per sample (φ ≥ thr[b])
     sum_d: Tensor          # [*neurons] fp32 Σ_b (z − shift)
@@ -90,18 +91,26 @@ class _ReverseDeactivation(torch.autograd.Function):
 
 
 @torch.no_grad()
-def _shifted_sums(z: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+def _shifted_sums(z: Tensor, shift: Tensor, sums: tuple[Tensor, Tensor] | None,
+                  accumulate: bool) -> tuple[Tensor, Tensor]:
     d = z.detach().to(_acc(z)) - shift.to(_acc(z))      # [B, *neurons]
-    return d.sum(0), d.square().sum(0)
+    new = d.sum(0), d.square().sum(0)
+    if sums is None:
+        return new
+    for buf, s in zip(sums, new):
+        buf.add_(s) if accumulate else buf.copy_(s)     # old + new: the site's acc + sums
+    return sums
 
 
 def site_forward(z: Tensor, mean: Tensor, var: Tensor, thr: Tensor, shift: Tensor, *, mode: str,
                  compensation: float, lam: float = 0.0, eps: float = 1e-6,
-                 delta: float = 1.0) -> SiteOutput:
-    """See :func:`megatron_l2e.l2e.kernels.site_forward` (this is its reference backend)."""
+                 delta: float = 1.0, sums: tuple[Tensor, Tensor] | None = None,
+                 accumulate: bool = False) -> SiteOutput:
+    """See :func:`megatron_l2e.l2e.kernels.site_forward` (this is its reference backend; the
+    penalty's ``z_out`` is ``z`` itself — autograd adds the two gradients)."""
     if mode not in MODES:
         raise ValueError(f"site_forward: mode must be one of {MODES}, got {mode!r}")
-    sum_d, sum_d2 = _shifted_sums(z, shift)
+    sum_d, sum_d2 = _shifted_sums(z, shift, sums, accumulate)
     if mode == "penalty":
         loss, counts = _Penalty.apply(z, mean, var, thr, lam, eps, compensation)
         return SiteOutput(z, loss, counts, sum_d, sum_d2)

@@ -60,7 +60,7 @@ def _score(dd, dn):
 @triton.jit
 def _forward_kernel(z_ptr, out_ptr, mean_ptr, denom_ptr, shift_ptr, thr_ptr, counts_ptr, loss_ptr,
                     sum_d_ptr, sum_d2_ptr, B, N, eps,
-                    MODE: tl.constexpr, BLOCK: tl.constexpr):
+                    MODE: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
@@ -89,6 +89,9 @@ def _forward_kernel(z_ptr, out_ptr, mean_ptr, denom_ptr, shift_ptr, thr_ptr, cou
             tl.store(out_row + offs, _cast_out(tl.where(sel, m, x), out_ptr.dtype.element_ty), mask=valid)
         z_row += N
         out_row += N
+    if ACCUMULATE:  # the caller's step sums: old + new, as the reference's acc + sums
+        acc_d = tl.load(sum_d_ptr + offs, mask=valid, other=0.0) + acc_d
+        acc_d2 = tl.load(sum_d2_ptr + offs, mask=valid, other=0.0) + acc_d2
     tl.store(sum_d_ptr + offs, acc_d, mask=valid)
     tl.store(sum_d2_ptr + offs, acc_d2, mask=valid)
     if MODE == 1:
@@ -171,7 +174,8 @@ def _vec(t: Tensor) -> Tensor:
 
 
 def forward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, shift: Tensor, *, mode: str,
-            eps: float, block: int | None = None):
+            eps: float, sums: tuple[Tensor, Tensor] | None = None, accumulate: bool = False,
+            block: int | None = None):
     """See ``cpu.forward``: ``(z_out | None, counts [B] int64, logsum | None, sum_d, sum_d2)``."""
     z2 = _flat(z)
     B, N = z2.shape
@@ -181,14 +185,18 @@ def forward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, shift: Tensor, 
     out = torch.empty_like(z2) if mode == "reverse_deactivation" else z2
     counts = torch.zeros(B, dtype=torch.int32, device=dev)
     loss_part = torch.zeros(grid[0], dtype=torch.float32, device=dev)
-    sum_d = torch.empty(N, dtype=torch.float32, device=dev)
-    sum_d2 = torch.empty(N, dtype=torch.float32, device=dev)
+    if sums is None:
+        sum_d, sum_d2, accumulate = (torch.empty(N, dtype=torch.float32, device=dev),
+                                     torch.empty(N, dtype=torch.float32, device=dev), False)
+    else:
+        sum_d, sum_d2 = (s.detach().view(-1) for s in sums)
     _forward_kernel[grid](z2, out, _vec(mean), _vec(denom), _vec(shift), _vec(thr), counts, loss_part,
-                          sum_d, sum_d2, B, N, float(eps), MODE=_MODES[mode], BLOCK=BLOCK, **_OPTS)
+                          sum_d, sum_d2, B, N, float(eps), MODE=_MODES[mode], ACCUMULATE=bool(accumulate),
+                          BLOCK=BLOCK, **_OPTS)
     neurons = z.shape[1:]
     z_out = out.reshape(z.shape) if mode == "reverse_deactivation" else None
     logsum = loss_part.sum() if mode == "penalty" else None
-    return z_out, counts.to(torch.int64), logsum, sum_d.reshape(neurons), sum_d2.reshape(neurons)
+    return z_out, counts.to(torch.int64), logsum, sum_d.view(neurons), sum_d2.view(neurons)
 
 
 def penalty_backward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, grad_out: Tensor | None,
@@ -210,7 +218,7 @@ def penalty_backward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, grad_o
     _penalty_backward_kernel[(triton.cdiv(N, BLOCK), B)](
         z2, gout, grad_in, _vec(mean), _vec(denom), _vec(thr), g_t, 2.0 * float(lam), N, float(eps),
         HAS_GOUT=grad_out is not None, BLOCK=BLOCK, **_OPTS)
-    return grad_in.reshape(z.shape)
+    return out if out is not None else grad_in.reshape(z.shape)
 
 
 def rd_backward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, grad_out: Tensor, delta: float,
