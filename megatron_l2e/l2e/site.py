@@ -91,6 +91,7 @@ class L2ESite:
         # The kernels write/add each micro-batch's shifted sums into these two [S, H] fp32 buffers,
         # reused step after step (fresh ones cost page faults on CPU, and a separate add pass).
         self._sum_bufs: tuple[Tensor, Tensor] | None = None
+        self._thr_cache: tuple[tuple, Tensor | None] = ((), None)
         self._acc = _StepAcc()
         self._pending: list[Tensor] = []    # micro-batch penalties not yet popped
         self._metrics: dict[str, float] = {}
@@ -152,8 +153,11 @@ class L2ESite:
         exact = scoring and self.exact_topk()
         if exact:
             thr = kernels.kth_score(z, mean, var, self.k, compensation=cfg.compensation, backend=cfg.kernel)
-        else:
-            thr = torch.full((B,), self.tau if scoring else math.inf, dtype=torch.float32, device=z.device)
+        else:   # one [B] tensor per (tau, B, device), reused by the step's micro-batches (never written)
+            key = (self.tau if scoring else math.inf, B, z.device)
+            if self._thr_cache[0] != key:
+                self._thr_cache = (key, torch.full((B,), key[0], dtype=torch.float32, device=z.device))
+            thr = self._thr_cache[1]
 
         mode = "stats"
         if scoring and cfg.inhibition == "regularizer":

@@ -151,6 +151,11 @@ class _ReverseDeactivation(torch.autograd.Function):
         return backend.rd_backward(z, mean, denom, thr, g, delta), *(None,) * 8
 
 
+def _f32(t: Tensor) -> Tensor:
+    """``t`` as an fp32 tensor outside autograd (itself when it already is one: no torch call)."""
+    return t if t.dtype == torch.float32 and not t.requires_grad else t.detach().to(torch.float32)
+
+
 def check_sums(sums, neurons: torch.Size, device: torch.device) -> tuple[Tensor, Tensor]:
     """The caller's step-sum buffers: two contiguous fp32 tensors of the site's neuron shape on z's device."""
     if not isinstance(sums, (tuple, list)) or len(sums) != 2 or any(
@@ -171,7 +176,9 @@ def site_forward(backend: ModuleType, z: Tensor, mean: Tensor, var: Tensor, thr:
     if sums is not None:
         sums = check_sums(sums, z.shape[1:], z.device)
     denom = denominator(var, compensation)
-    mean, thr, shift = (t.detach().to(torch.float32) for t in (mean, thr, shift))
+    shift_is_mean = shift is mean
+    mean, thr = _f32(mean), _f32(thr)
+    shift = mean if shift_is_mean else _f32(shift)
     if mode == "penalty":
         fuse = fuse_grad and z.requires_grad and torch.is_grad_enabled()
         if fuse:
