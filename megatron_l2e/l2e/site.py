@@ -53,11 +53,13 @@ class _StepAcc:
     sum_d: Tensor | None = None      # [S, H] Σ (z − mean): the site's buffer (or fp64, first step)
     sum_d2: Tensor | None = None     # [S, H] Σ (z − mean)²
     samples: int = 0
-    scalars: dict[str, Tensor] = field(default_factory=dict)  # selected, kth_sum, kth_n, penalty, ...
+    # selected, kth_sum, kth_n, penalty, ...: 0-d fp64 tensors on the device (no host sync on a GPU),
+    # or Python floats for CPU activations (the same fp64 sums with no torch call per micro-batch)
+    scalars: dict[str, Tensor | float] = field(default_factory=dict)
     measured: bool = False
 
     def add(self, name: str, value: Tensor) -> None:
-        v = value.detach().to(torch.float64)
+        v = value.item() if value.device.type == "cpu" else value.detach().to(torch.float64)
         self.scalars[name] = self.scalars[name] + v if name in self.scalars else v
 
 
@@ -198,7 +200,6 @@ class L2ESite:
                 result.register_hook(lambda g: self._acc.add("glm_sq", g.float().square().sum()))
         return result
 
-    @torch.no_grad()
     def _accumulate(self, z: Tensor, out: kernels.SiteOutput, kth: Tensor | None, scoring: bool,
                     into_bufs: bool) -> None:
         acc = self._acc
@@ -234,8 +235,8 @@ class L2ESite:
         for v in (acc.sum_d, acc.sum_d2):
             vecs.append(torch.zeros(n, dtype=dtype, device=device) if v is None
                         else v.reshape(-1).to(device, dtype))
-        scal = dict(acc.scalars, samples=torch.tensor(float(acc.samples), dtype=torch.float64))
-        tail = torch.stack([scal.get(name, torch.zeros((), dtype=torch.float64)).to(device)
+        scal = dict(acc.scalars, samples=float(acc.samples))
+        tail = torch.stack([torch.as_tensor(scal.get(name, 0.0), dtype=torch.float64).to(device)
                             for name in _TAIL]).to(dtype)
         return torch.cat(vecs + [tail])
 

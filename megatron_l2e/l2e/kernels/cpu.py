@@ -512,7 +512,7 @@ def _n_chunks(n: int) -> int:
 
 def forward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, shift: Tensor, *, mode: str,
             eps: float, sums: tuple[Tensor, Tensor] | None = None, accumulate: bool = False):
-    """Fused site forward. Returns ``(z_out | None, counts [B] int64, logsum 0-d fp32 | None,
+    """Fused site forward. Returns ``(z_out | None, counts [B] int64, logsum np.float32 | None,
     sum_d [*neurons] fp32, sum_d2 [*neurons] fp32)``; ``z_out`` only for reverse_deactivation,
     ``logsum`` = Σ_selected log((z−mean)²+eps) (unscaled by λ) only for penalty.
 
@@ -540,7 +540,8 @@ def forward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, shift: Tensor, 
             sum_d.numpy().reshape(-1), sum_d2.numpy().reshape(-1), bool(accumulate))
     counts = torch.from_numpy(counts_part.sum(0))
     z_out = None if out is None else out.view(z.shape)
-    logsum = torch.tensor(float(loss_part.sum()), dtype=torch.float32) if mode == "penalty" else None
+    # the log-sum as an fp32 value (a numpy scalar: λ-scaling it costs no torch call, see fused._Penalty)
+    logsum = np.float32(loss_part.sum()) if mode == "penalty" else None
     return z_out, counts, logsum, sum_d.view(neurons), sum_d2.view(neurons)
 
 
@@ -561,10 +562,16 @@ def penalty_backward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, grad_o
         if out.shape != z.shape or out.dtype != z.dtype or not out.is_contiguous():
             raise ValueError("penalty_backward: out must be a contiguous tensor of z's shape and dtype")
         grad_in = out.view(z2.shape)
-    g2 = _flat(grad_out).to(z2.dtype) if grad_out is not None else z2[:1]
-    _launch(_penalty_backward_kernel, z2.numel(), _words(z2), _vec(mean), _vec(denom), _vec(thr), _words(g2),
-            grad_out is not None, in_place, float(g), 2.0 * float(lam), float(eps), _words(grad_in))
-    return out if out is not None else grad_in.reshape(z.shape)
+    gw = _words(grad_in)
+    if in_place:
+        g2w = gw        # the kernel reads and writes through this one array (see the kernel)
+    elif grad_out is not None:
+        g2w = _words(_flat(grad_out if grad_out.dtype == z2.dtype else grad_out.to(z2.dtype)))
+    else:
+        g2w = gw[:1]
+    _launch(_penalty_backward_kernel, z2.numel(), _words(z2), _vec(mean), _vec(denom), _vec(thr), g2w,
+            grad_out is not None, in_place, float(g), 2.0 * float(lam), float(eps), gw)
+    return out if out is not None else grad_in.view(z.shape)
 
 
 def rd_backward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, grad_out: Tensor,

@@ -24,6 +24,7 @@ import sys
 import weakref
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -101,7 +102,8 @@ def _owned_by_autograd(g: Tensor, z: Tensor | None, calibrate: bool = False):
 
 
 class _Penalty(torch.autograd.Function):
-    """Outputs ``(z_out, loss, counts, sum_d, sum_d2)``.
+    """Outputs ``(z_out, loss)``; ``counts``, ``sum_d``, ``sum_d2`` (no gradient) go to ``side`` — not
+    autograd outputs, which each cost a wrap per micro-batch.
 
     ``fuse_grad``: ``z_out`` is a view of ``z`` (no copy), so the gradient the rest of the network
     sends to z arrives here together with the loss's, and one pass over Z returns their sum
@@ -112,19 +114,22 @@ class _Penalty(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, mean, denom, thr, shift, lam, eps, backend, sums, accumulate, fuse_grad):
+    def forward(ctx, z, mean, denom, thr, shift, lam, eps, backend, sums, accumulate, fuse_grad, side):
         _, counts, logsum, sum_d, sum_d2 = backend.forward(z, mean, denom, thr, shift, mode="penalty", eps=eps,
                                                            sums=sums, accumulate=accumulate)
-        loss = (logsum * lam).to(torch.float32)
+        side.extend((counts, sum_d, sum_d2))
+        if isinstance(logsum, Tensor):   # on the device (Triton): no host sync
+            loss = (logsum * lam).to(torch.float32)
+        else:                            # a host fp32 scalar (CPU): the same fp32 product, one torch call
+            loss = torch.tensor(logsum * np.float32(lam), dtype=torch.float32)
         ctx.save_for_backward(z, mean, denom, thr)
         ctx.consts = (lam, eps, backend)
-        ctx.mark_non_differentiable(counts, sum_d, sum_d2)
         ctx.set_materialize_grads(False)
-        return (z.view_as(z) if fuse_grad else None), loss, counts, sum_d, sum_d2
+        return (z.view_as(z) if fuse_grad else None), loss
 
     @staticmethod
-    def backward(ctx, g_z, g_loss, _gc, _gd, _gd2):
-        none = (None,) * 10
+    def backward(ctx, g_z, g_loss):
+        none = (None,) * 11
         if g_loss is None:
             return (g_z, *none)
         z, mean, denom, thr = ctx.saved_tensors
@@ -135,19 +140,19 @@ class _Penalty(torch.autograd.Function):
 
 class _ReverseDeactivation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, mean, denom, thr, shift, delta, backend, sums, accumulate):
+    def forward(ctx, z, mean, denom, thr, shift, delta, backend, sums, accumulate, side):
         z_out, counts, _, sum_d, sum_d2 = backend.forward(z, mean, denom, thr, shift, mode="reverse_deactivation",
                                                          eps=1.0, sums=sums, accumulate=accumulate)
+        side.extend((counts, sum_d, sum_d2))   # no gradient: not autograd outputs
         ctx.save_for_backward(z, mean, denom, thr)
         ctx.consts = (delta, backend)
-        ctx.mark_non_differentiable(counts, sum_d, sum_d2)
-        return z_out, counts, sum_d, sum_d2
+        return z_out
 
     @staticmethod
-    def backward(ctx, g, _gc, _gd, _gd2):
+    def backward(ctx, g):
         z, mean, denom, thr = ctx.saved_tensors
         delta, backend = ctx.consts
-        return backend.rd_backward(z, mean, denom, thr, g, delta), *(None,) * 8
+        return backend.rd_backward(z, mean, denom, thr, g, delta), *(None,) * 9
 
 
 def _f32(t: Tensor) -> Tensor:
@@ -182,13 +187,13 @@ def site_forward(backend: ModuleType, z: Tensor, mean: Tensor, var: Tensor, thr:
         fuse = fuse_grad and z.requires_grad and torch.is_grad_enabled()
         if fuse:
             _exclusive_refs()   # calibrate now (once per process), not inside a backward
-        z_out, loss, counts, sum_d, sum_d2 = _Penalty.apply(z, mean, denom, thr, shift, lam, eps, backend,
-                                                            sums, accumulate, fuse)
-        return SiteOutput(z if z_out is None else z_out, loss, counts, sum_d, sum_d2)
+        side: list[Tensor] = []
+        z_out, loss = _Penalty.apply(z, mean, denom, thr, shift, lam, eps, backend, sums, accumulate, fuse, side)
+        return SiteOutput(z if z_out is None else z_out, loss, *side)
     if mode == "reverse_deactivation":
-        z_out, counts, sum_d, sum_d2 = _ReverseDeactivation.apply(z, mean, denom, thr, shift, delta, backend,
-                                                                  sums, accumulate)
-        return SiteOutput(z_out, None, counts, sum_d, sum_d2)
+        side = []
+        z_out = _ReverseDeactivation.apply(z, mean, denom, thr, shift, delta, backend, sums, accumulate, side)
+        return SiteOutput(z_out, None, *side)
     with torch.no_grad():
         _, counts, _, sum_d, sum_d2 = backend.forward(z, mean, denom, thr, shift, mode="stats", eps=eps,
                                                       sums=sums, accumulate=accumulate)
