@@ -13,10 +13,13 @@
     (``fuse_grad=False``) and the eager reference. Site shape [B, 2048, H].
 (b) topk_speedup — MEmeL's forward as its code does it (eager score + ``torch.kthvalue`` per sample +
     counts + moments) ÷ L2E's fused forward as the site runs it (score + threshold + counts + moments
-    into the site's sum buffers + penalty sum), B = 4. Also: the same against our fastest exact selection (fused radix select + fused forward).
+    into the site's sum buffers + penalty sum), B = 4. Also: the same against our fastest exact
+    selection (fused radix select + fused forward).
 (c) step_overhead — L2E work of one micro-batch (``L2ESite.forward`` and the backward through the
     fused kernel, as in (a)) ÷ forward+backward of the 70M GPT-NeoX block it is attached to
-    (S = 512, B = 2). The once-per-optimizer-step work (statistics merge, eq. 6, the new variance's
+    (S = 512, B = 2). Each half runs in the cache state training leaves it in (an untimed 64 MB write
+    first; then z hot for the forward, z_out's gradient hot for the backward), and the backward is
+    timed minus the same ``torch.autograd.grad`` call through a bare view of z (the scaffolding). The once-per-optimizer-step work (statistics merge, eq. 6, the new variance's
     φ denominator) is timed apart and reported per optimizer step (``step_end_ms``) and as its
     share with 1 and with 8 micro-batches per step; it is not part of a micro-batch's ops.
 (d) projection — bytes the fused kernels move per optimizer step ÷ H100 bandwidth (3.35 TB/s), next to

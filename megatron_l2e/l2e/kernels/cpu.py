@@ -304,11 +304,11 @@ def _penalty_backward_kernel(z, mean, denom, thr, grad_out, has_grad_out, in_pla
 
     One dense, branch-free, vectorised pass: the penalty term is computed for every element and
     blended in where selected; unselected elements are copied as raw words (bit-exact, NaN payloads
-    included). ``in_place``: ``grad_in`` *is* ``grad_out`` and the loop reads and writes through the
-    one array — given two array objects over the same memory, LLVM's runtime alias check fails and
-    the loop runs scalar (2.5× slower, measured). Measured here, this beats writing only the ~2 % selected elements
-    after the vectorised mask loop: those scattered read-modify-writes each missed the cache (the
-    gradient was not otherwise read), 4 of the pass's 14 ms at [4, 2048, 2560].
+    included). Measured here, this beats writing only the ~2 % selected elements after a vectorised
+    mask loop: those scattered read-modify-writes each missed the cache (the gradient was not
+    otherwise read), 4 of the pass's 14 ms at [4, 2048, 2560]. ``in_place``: ``grad_in`` *is*
+    ``grad_out`` and the loop reads and writes through the one array — given two array objects over
+    the same memory, LLVM's runtime alias check fails and the loop runs scalar (2.5× slower, measured).
 
     The op order is the reference's (``ms_penalty_grad(...) * g``), so fp32 results match it bit for bit.
     """

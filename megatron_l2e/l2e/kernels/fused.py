@@ -108,7 +108,8 @@ class _Penalty(torch.autograd.Function):
     ``fuse_grad``: ``z_out`` is a view of ``z`` (no copy), so the gradient the rest of the network
     sends to z arrives here together with the loss's, and one pass over Z returns their sum
     ``g_z + g·λ·2d/(d² + eps)`` — written into ``g_z`` itself when autograd alone holds it
-    (``_owned_by_autograd``: reads Z and dZ, writes dZ; no new B·S·H tensor), else into a new tensor. Without ``fuse_grad`` (``z_out`` None: the caller reads z directly) the backward
+    (``_owned_by_autograd``: reads Z and dZ, writes dZ; no new B·S·H tensor), else into a new tensor.
+    Without ``fuse_grad`` (``z_out`` None: the caller reads z directly) the backward
     returns the penalty gradient alone and autograd adds it to z's other gradient — one more pass,
     used where the two gradients are measured apart.
     """
