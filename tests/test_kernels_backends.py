@@ -358,14 +358,17 @@ def test_cpu_parallel_kernels_equal_their_serial_twins(dtype):
     denom = fused.denominator(var, C)
     zw, vec = cpu._words(z.contiguous()), cpu._vec
     g = torch.randn(z.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    cpu._start_pool()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     results = []
     for kernel in (cpu._forward_kernel, cpu._serial_twin(cpu._forward_kernel)):
         nc = cpu._n_chunks(N)
         counts, loss = np.zeros((nc, B), np.int64), np.zeros(nc, np.float64)
         s1, s2 = np.full(N, 0.5, np.float32), np.full(N, 2.0, np.float32)     # accumulate onto these
-        kernel(zw, vec(mean), vec(denom), vec(thr), vec(shift), 1, 1e-6, zw[:1, :1], counts, loss, s1, s2, True)
-        results.append((counts, loss, s1, s2))
+        pos, dv = np.zeros((nc, B, cpu._RECORD_CAP), np.int16), np.zeros((nc, B, cpu._RECORD_CAP), np.float32)
+        kernel(zw, vec(mean), vec(denom), vec(thr), vec(shift), 1, 1e-6, zw[:1, :1], counts, loss, s1, s2, True,
+               pos, dv)
+        results.append((counts, loss, s1, s2, pos, dv))
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
     assert results[0][0].sum() > 0
@@ -375,3 +378,36 @@ def test_cpu_parallel_kernels_equal_their_serial_twins(dtype):
         kernel(zw, vec(mean), vec(denom), vec(thr), cpu._words(gi), True, True, 1.3, 0.6, 1e-6, cpu._words(gi))
         grads.append(gi)
     assert torch.equal(grads[0], grads[1]) and not torch.equal(grads[0], g)
+    counts, _, _, _, pos, dv = results[0]
+    for kernel in (cpu._penalty_backward_recorded_kernel, cpu._serial_twin(cpu._penalty_backward_recorded_kernel)):
+        gi = g.clone()
+        kernel(pos, dv, counts, zw, vec(mean), vec(denom), vec(thr), cpu._words(gi), 1.3, 0.6, 1e-6)
+        assert torch.equal(gi, grads[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_recorded_backward_equals_the_dense_pass(dtype):
+    """The forward's selection record turns the in-place backward into updates of the selected
+    elements alone; a (chunk, sample) selecting more than the record holds is redone densely. Both
+    give the dense pass's bits — which the other tests hold against the reference."""
+    from megatron_l2e.l2e.kernels import cpu, fused
+    B, N = 3, 4 * 8192 + 501
+    z, mean, var, shift = _case(B, (N,), dtype, seed=13)
+    thr = _thr(z, mean, var, frac=0.02)
+    thr[1] = _thr(z, mean, var, frac=0.2)[1]         # sample 1 overflows every full chunk's record
+    denom = fused.denominator(var, C)
+    record = []
+    out = cpu.forward(z, mean, denom, thr, mean, mode="penalty", eps=1e-6, record=record)
+    (pos, dv, counts_part), = record
+    over = counts_part > cpu._RECORD_CAP
+    assert over[:-1, 1].all() and not over[-1, 1] and not over[:, [0, 2]].any()   # the tail: 501 neurons
+    assert torch.equal(out[1], torch.from_numpy(counts_part.sum(0)))
+    g_out = torch.randn(z.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    dense, recorded = g_out.clone(), g_out.clone()
+    cpu.penalty_backward(z, mean, denom, thr, dense, torch.tensor(1.7), 0.3, 1e-6, out=dense)
+    assert cpu.penalty_backward(z, mean, denom, thr, recorded, torch.tensor(1.7), 0.3, 1e-6, out=recorded,
+                                selection=record[0]) is recorded
+    assert torch.equal(recorded, dense) and not torch.equal(dense, g_out)
+    # out of place the record is not used (the result still needs every element written)
+    fresh = cpu.penalty_backward(z, mean, denom, thr, g_out, torch.tensor(1.7), 0.3, 1e-6, selection=record[0])
+    assert torch.equal(fresh, dense)

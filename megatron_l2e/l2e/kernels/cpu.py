@@ -30,12 +30,16 @@ from numba import njit, prange, types
 from numba.extending import overload
 from torch import Tensor
 
-# Threading layer: numba's OpenMP pool and torch's own OpenMP pool both spin-wait between parallel
-# regions; on a machine whose cores torch already uses, alternating the two made torch ops ~100×
-# slower here. The workqueue layer's idle threads sleep instead. A user's NUMBA_THREADING_LAYER
-# wins; the setting must precede the first parallel launch in the process.
+# Threading layer: OpenMP where torch's intra-op backend is OpenMP. torch loads its libgomp globally
+# (libtorch_global_deps, RTLD_GLOBAL) before numba's omppool is loaded, so omppool's GOMP_parallel
+# binds to torch's runtime (LD_DEBUG=bindings shows it; tests/test_kernels_threads.py checks the
+# CPU time): the kernels' parallel regions run on the very worker threads torch's ops use, which
+# are awake after those ops — a launch costs microseconds, where numba's own workqueue threads
+# sleep between kernels and took ~0.1-0.3 ms to wake here. Elsewhere the workqueue layer. A user's
+# NUMBA_THREADING_LAYER wins; the setting must precede the first parallel launch in the process.
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER = "omp" if "parallel backend: OpenMP" in torch.__config__.parallel_info() \
+        else "workqueue"
 
 # Neurons per parallel work item: 8192 × (mean, denom, shift, sum_d, sum_d2) × 4 B = 160 KiB — the
 # per-chunk working set stays in L2 while the sample loop streams Z through in 32 KiB runs (longer
@@ -191,16 +195,20 @@ def _st_impl(a, i, x):
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
 def _forward_kernel(z, mean, denom, thr, shift, mode, eps, out, counts_part, loss_part,
-                    sum_d, sum_d2, accumulate):
+                    sum_d, sum_d2, accumulate, sel_pos, sel_d):
     """z/out [B, N] (fp32 or 16-bit words); mean/denom/shift [N] fp32; thr [B] fp32.
 
     counts_part [n_chunks, B] int64 and loss_part [n_chunks] fp64 are per-chunk partials (summed by
     the caller: deterministic, no atomics); the micro-batch's sums are written into sum_d/sum_d2
     [N] fp32, or added to them (``accumulate``: ``old + new``, the reference's ``acc + sums``).
+    Penalty mode also records the selection for the backward: ``sel_pos``/``sel_d``
+    [n_chunks, B, cap] get each (chunk, sample)'s first ``cap`` selected positions (chunk-local)
+    and their d = z − mean (cap = 0: no record).
     """
     B, N = z.shape
     n_chunks = (N + _CHUNK - 1) // _CHUNK
     eps32 = np.float32(eps)
+    cap = sel_pos.shape[2]
     for c in prange(n_chunks):
         n0 = c * _CHUNK
         n1 = min(n0 + _CHUNK, N)
@@ -270,6 +278,9 @@ def _forward_kernel(z, mean, denom, thr, shift, mode, eps, out, counts_part, los
                     for qq in range(q):
                         i = ix[qq]
                         d = _ld(zb, i) - m[i]
+                        if qq < cap:
+                            sel_pos[c, b, qq] = i
+                            sel_d[c, b, qq] = d
                         prod *= np.float64(d * d + eps32)
                         if (qq & 3) == 3:
                             prod, ex = _split_exponent(prod)
@@ -350,6 +361,47 @@ def _penalty_backward_kernel(z, mean, denom, thr, grad_out, has_grad_out, in_pla
                 for i in range(L):
                     sel, p = _penalty_term(_ld(zb, i), m[i], dn[i], t, tl2, eps32, g32)
                     ib[i] = _enc(ib, p if sel else zero)
+
+
+@njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
+def _penalty_backward_recorded_kernel(sel_pos, sel_d, counts_part, z, mean, denom, thr, grad, g, two_lam, eps):
+    """grad += (2λ·d/(d² + eps))·g in place on the selected elements, from the forward's record.
+
+    Where the forward recorded a (chunk, sample)'s whole selection (its count ≤ cap), only those
+    elements are touched: Z and the statistics are not read at all, and the incoming gradient — hot,
+    the next block's backward just wrote it — only at ~2 % of its elements. A (chunk, sample) with
+    more selected elements than the record holds takes the dense in-place loop of
+    ``_penalty_backward_kernel``. Same per-element ops as that kernel (``d`` is the forward's own
+    z − mean), so the result is bit-identical to it.
+    """
+    B, N = z.shape
+    n_chunks = (N + _CHUNK - 1) // _CHUNK
+    cap = sel_pos.shape[2]
+    eps32 = np.float32(eps)
+    tl2 = np.float32(two_lam)
+    g32 = np.float32(g)
+    for c in prange(n_chunks):
+        n0 = c * _CHUNK
+        n1 = min(n0 + _CHUNK, N)
+        L = n1 - n0
+        for b in range(B):
+            ib = grad[b, n0:n1]
+            cnt = counts_part[c, b]
+            if cnt <= cap:
+                pos = sel_pos[c, b]
+                dv = sel_d[c, b]
+                for q in range(cnt):
+                    i = np.int64(pos[q])
+                    d = dv[q]
+                    ib[i] = _enc(ib, _ld(ib, i) + tl2 * d / (d * d + eps32) * g32)
+            else:
+                zb = z[b, n0:n1]
+                m = mean[n0:n1]
+                dn = denom[n0:n1]
+                t = thr[b]
+                for i in range(L):
+                    sel, p = _penalty_term(_ld(zb, i), m[i], dn[i], t, tl2, eps32, g32)
+                    ib[i] = _enc(ib, _ld(ib, i) + p) if sel else ib[i]
 
 
 @njit(parallel=True, fastmath=False, error_model="numpy", cache=True)
@@ -449,16 +501,41 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
-# Each thread gets at least this many elements (4 MB of fp32, ~0.4-1 ms of work). A parallel launch
-# wakes workqueue threads that sleep between kernels: ~0.1 ms back to back, ~0.3 ms each when the
-# kernel follows other work (measured here: the 70M step case's backward, 0.15 ms serially warm,
-# 0.46 ms as a parallel launch inside autograd). Below the bar the kernel's serial twin runs on the
-# calling thread, with no launch at all.
-_ELEMENTS_PER_THREAD = 1 << 20
+# Each thread gets at least this many elements (1 MB of fp32, ~0.1-0.25 ms of work): on torch's
+# OpenMP workers a launch costs microseconds, so the 70M step case's forward ([2, 512, 512]) splits
+# over two threads; on the workqueue layer a launch wakes sleeping threads (~0.1-0.3 ms measured
+# here), so the bar is 4× higher there. Below it the kernel's serial twin runs on the calling thread,
+# with no launch at all.
+_ELEMENTS_PER_THREAD = 1 << 18 if numba.config.THREADING_LAYER == "omp" else 1 << 20
+
+# The forward's selection record (penalty mode): per 8192 neurons and sample, up to this many
+# selected positions (int16, chunk-local) and their z − mean (fp32). At the ~2 % L2E selects that is
+# ~164 a chunk; a chunk with more (an early or drifting threshold) is redone densely in the backward.
+_RECORD_CAP = _CHUNK // 16
+_NO_RECORD = (np.empty((1, 1, 0), np.int16), np.empty((1, 1, 0), np.float32))
+
+
+_POOL_STARTED = False
+
+
+def _start_pool() -> None:
+    """Start numba's threading layer, keeping torch's thread count: the OpenMP layer's start-up calls
+    ``omp_set_num_threads(NUMBA_NUM_THREADS)`` — every core — on the runtime it shares with torch,
+    which would silently undo a ``torch.set_num_threads`` (or torchrun's OMP_NUM_THREADS=1)."""
+    global _POOL_STARTED, _ELEMENTS_PER_THREAD
+    n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))   # launches the layer
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if numba.threading_layer() != "omp":   # chosen elsewhere before us (a user's setting, earlier code)
+        _ELEMENTS_PER_THREAD = max(_ELEMENTS_PER_THREAD, 1 << 20)
+    _POOL_STARTED = True
 
 
 def _threads(n_elements: int) -> int:
     """Threads for this much work: torch's intra-op pool (the process's CPU budget), fewer for small work."""
+    if not _POOL_STARTED:
+        _start_pool()
     n = min(torch.get_num_threads(), max(1, n_elements // _ELEMENTS_PER_THREAD))
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     if n > 1:
@@ -511,14 +588,18 @@ def _n_chunks(n: int) -> int:
 
 
 def forward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, shift: Tensor, *, mode: str,
-            eps: float, sums: tuple[Tensor, Tensor] | None = None, accumulate: bool = False):
+            eps: float, sums: tuple[Tensor, Tensor] | None = None, accumulate: bool = False,
+            record: list | None = None):
     """Fused site forward. Returns ``(z_out | None, counts [B] int64, logsum np.float32 | None,
     sum_d [*neurons] fp32, sum_d2 [*neurons] fp32)``; ``z_out`` only for reverse_deactivation,
     ``logsum`` = Σ_selected log((z−mean)²+eps) (unscaled by λ) only for penalty.
 
     ``sums``: the caller's ``(sum_d, sum_d2)`` buffers (contiguous fp32 ``[*neurons]``, checked by
     ``fused.site_forward``), written — or, with ``accumulate``, added to — in place and returned;
-    otherwise fresh tensors.
+    otherwise fresh tensors. ``record`` (penalty mode): a list the forward appends its selection
+    record to — the selected positions and their z − mean, up to ``_RECORD_CAP`` per 8192 neurons
+    and sample (``_RECORD_CAP``/8192 of Z's elements at most, 6 bytes each) — for ``penalty_backward``'s
+    ``selection``.
     """
     # (Few torch calls here: this runs once per site and micro-batch, and at the 70M step case the
     # Python around the two kernels was a fifth of L2E's time.)
@@ -535,9 +616,15 @@ def forward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, shift: Tensor, 
         sum_d, sum_d2 = sums
     mv = _vec(mean)
     sv = mv if shift is mean else _vec(shift)
+    if record is not None and mode == "penalty":
+        sel_pos = np.empty((counts_part.shape[0], B, _RECORD_CAP), np.int16)
+        sel_d = np.empty((counts_part.shape[0], B, _RECORD_CAP), np.float32)
+        record.append((sel_pos, sel_d, counts_part))
+    else:
+        sel_pos, sel_d = _NO_RECORD
     _launch(_forward_kernel, B * N, zw, mv, _vec(denom), _vec(thr), sv, _MODES[mode], float(eps),
             zw[:1, :1] if out is None else _words(out), counts_part, loss_part,
-            sum_d.numpy().reshape(-1), sum_d2.numpy().reshape(-1), bool(accumulate))
+            sum_d.numpy().reshape(-1), sum_d2.numpy().reshape(-1), bool(accumulate), sel_pos, sel_d)
     counts = torch.from_numpy(counts_part.sum(0))
     z_out = None if out is None else out.view(z.shape)
     # the log-sum as an fp32 value (a numpy scalar: λ-scaling it costs no torch call, see fused._Penalty)
@@ -547,12 +634,15 @@ def forward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, shift: Tensor, 
 
 
 def penalty_backward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, grad_out: Tensor | None,
-                     g: Tensor, lam: float, eps: float, *, out: Tensor | None = None) -> Tensor:
+                     g: Tensor, lam: float, eps: float, *, out: Tensor | None = None,
+                     selection: tuple | None = None) -> Tensor:
     """``grad_out + g·λ·2(z−mean)/((z−mean)²+eps)`` on selected elements, in z's dtype.
 
     ``g`` is the incoming gradient of the penalty (0-d); ``grad_out`` that of ``z_out`` (or None).
     ``out``: a preallocated contiguous result buffer of z's shape and dtype (a fresh one costs page
     faults on first touch); ``out=grad_out`` adds the penalty in place (reads Z and dZ, writes dZ).
+    ``selection``: the record ``forward`` made of this very selection (its ``record``); in place it
+    turns the pass into updates of the selected elements alone (Z and the statistics unread).
     """
     z2 = _flat(z)
     in_place = out is not None and grad_out is not None and out.data_ptr() == grad_out.data_ptr()
@@ -563,6 +653,12 @@ def penalty_backward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, grad_o
             raise ValueError("penalty_backward: out must be a contiguous tensor of z's shape and dtype")
         grad_in = out.view(z2.shape)
     gw = _words(grad_in)
+    if in_place and selection is not None:
+        sel_pos, sel_d, counts_part = selection
+        # work ~ the recorded updates (≤ 1/16 of the elements), not Z: serial at the 70M step case
+        _launch(_penalty_backward_recorded_kernel, z2.numel() // 16, sel_pos, sel_d, counts_part, _words(z2),
+                _vec(mean), _vec(denom), _vec(thr), gw, float(g), 2.0 * float(lam), float(eps))
+        return out
     if in_place:
         g2w = gw        # the kernel reads and writes through this one array (see the kernel)
     elif grad_out is not None:

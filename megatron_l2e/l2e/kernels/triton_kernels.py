@@ -175,8 +175,9 @@ def _vec(t: Tensor) -> Tensor:
 
 def forward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, shift: Tensor, *, mode: str,
             eps: float, sums: tuple[Tensor, Tensor] | None = None, accumulate: bool = False,
-            block: int | None = None):
-    """See ``cpu.forward``: ``(z_out | None, counts [B] int64, logsum | None, sum_d, sum_d2)``."""
+            record: list | None = None, block: int | None = None):
+    """See ``cpu.forward``: ``(z_out | None, counts [B] int64, logsum | None, sum_d, sum_d2)``. No
+    selection ``record`` (left empty): the GPU backward recomputes the mask at full bandwidth."""
     z2 = _flat(z)
     B, N = z2.shape
     BLOCK = _block(N, block)
@@ -201,7 +202,7 @@ def forward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, shift: Tensor, 
 
 def penalty_backward(z: Tensor, mean: Tensor, denom: Tensor, thr: Tensor, grad_out: Tensor | None,
                      g: Tensor, lam: float, eps: float, block: int | None = None, *,
-                     out: Tensor | None = None) -> Tensor:
+                     out: Tensor | None = None, selection: None = None) -> Tensor:
     """As ``cpu.penalty_backward``; ``out`` a preallocated result buffer (``out=grad_out``: in place —
     safe, each element is read and written by the same program)."""
     z2 = _flat(z)
