@@ -240,7 +240,11 @@ def test_penalty_scaling_across_accumulation():
         _, g1 = train_step(one, l2e_1, [x])
         _, g2 = train_step(two, l2e_2, [x[:2], x[2:]])
         for k in g1:
-            torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-7, msg=k)
+            # The split changes the fp32 summation order of the per-sample terms, so an element's error
+            # scales with the tensor's magnitude, not its own (BLAS kernels differ across CPUs: AVX2 vs
+            # AVX-512 gave 1.9e-6 on a tensor of max 25 here): absolute tolerance relative to the tensor.
+            scale = g1[k].abs().max().item()
+            torch.testing.assert_close(g2[k], g1[k], rtol=1e-5, atol=1e-6 * scale + 1e-7, msg=k)
         assert_states_equal(site_state(l2e_1), site_state(l2e_2), exact=False)
     assert l2e_1.sites[1].scored_steps == 3
 
