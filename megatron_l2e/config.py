@@ -554,6 +554,10 @@ def cross_checks(cfg: Config) -> list[tuple[str, str]]:
             resolve_layers(cfg.l2e.layers, cfg.model.num_layers)
         except ValueError as exc:
             e.append(("l2e.layers", str(exc).split(": ", 1)[1]))
+    pps = cfg.l2e.penalty_per_samples
+    if pps is not None and pps > cfg.train.global_batch_size:
+        e.append(("l2e.penalty_per_samples", f"{pps}-sample micro-batches do not fit in train.global_batch_size "
+                                             f"{cfg.train.global_batch_size}"))
     if cfg.data.smoke_vocab_size is not None and cfg.data.smoke_vocab_size > cfg.model.vocab_size:
         e.append(("data.smoke_vocab_size", f"{cfg.data.smoke_vocab_size} exceeds model.vocab_size {cfg.model.vocab_size}"))
     n_neurons = cfg.model.seq_length * cfg.model.hidden_size

@@ -75,6 +75,16 @@ def dry_run_report(cfg: Config) -> str:
         k = cfg.l2e.k or round(cfg.l2e.ratio * n)
         lines.append(f"L2E: {cfg.l2e.inhibition} / {cfg.l2e.selection} at blocks {sites} (0-based), "
                      f"N = {n:,} neurons per site, k = {k:,} per sample")
+        c = cfg.l2e
+        if c.inhibition == "regularizer":
+            gb = cfg.train.global_batch_size
+            scale = "the global batch" if c.penalty_per_samples is None else \
+                f"{c.penalty_per_samples}-sample micro-batches (λ·{c.penalty_per_samples}/{gb} = " \
+                f"{c.lam * c.penalty_per_samples / gb:.4g} on the global batch's sum)"
+            lines.append(f"L2E penalty: λ = {c.lam:g}, eq. 5 summed over {scale}")
+        lines.append(f"L2E score: compensation {c.compensation:g}, history "
+                     f"{'all samples' if c.forget_steps is None else f'{c.forget_steps} global batches'}; "
+                     f"threshold update per {c.threshold_update.replace('_', '-')}")
     else:
         lines.append("L2E: off")
     return "\n".join(lines)
@@ -133,6 +143,8 @@ def train_step(engine, data, l2e, step: int, layout, dist) -> StepResult:
             loss = loss + pen
             sums[1] += pen.detach().double() / l2e.loss_multiplier
         engine.backward(loss)
+        if l2e is not None:
+            l2e.micro_batch_end()   # eq. 6 per micro-batch where l2e.threshold_update is micro_batch
         engine.step()  # DeepSpeed updates only at the accumulation boundary
         sums[0] += lm_loss.detach().double()
     applied = bool(engine.was_step_applied()) if hasattr(engine, "was_step_applied") else True

@@ -40,9 +40,12 @@ def test_quick_cpu_run_reports_table_2_layout(tmp_path):
     (res,) = report["results"]
     assert res["seq_length"] == 32 and res["micro_batch_size"] == 2 and res["tokens_per_step"] == 64
     assert res["precision"] == "fp32" and res["zero_stage"] == 1
-    assert list(res["modes"]) == ["off", "topk", "threshold"]
+    assert list(res["modes"]) == ["off", "memel", "topk", "threshold"]
     # Every timed step ran in its mode's phase (priming reached it).
-    assert [res["modes"][m]["phase"] for m in ("off", "topk", "threshold")] == ["off", "exact top-k", "threshold"]
+    assert [res["modes"][m]["phase"] for m in res["modes"]] == ["off", "exact top-k", "exact top-k", "threshold"]
+    # Table 2's MEmeL row is memel.yml's method: exact top-k + Reverse Deactivation.
+    assert res["modes"]["memel"]["l2e"] == {"inhibition": "reverse_deactivation", "selection": "topk"}
+    assert res["modes"]["topk"]["l2e"] == {"inhibition": "regularizer", "selection": "topk"}
     for name, r in res["modes"].items():
         assert set(r) >= {"step_time_s", "step_times_s", "tokens_per_s", "mfu", "overhead_pct", "phase",
                           "peak_memory_gb"}

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_l2e.config import ConfigError, load_config
 
@@ -69,13 +70,24 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(write(tmp_path / "b.yml", "base: a.yml\n"))
 
 
-SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yml"))
+SHIPPED = sorted(p for p in (ROOT / "configs").rglob("*.yml") if p.parent.name != "overlays")
+OVERLAYS = sorted((ROOT / "configs/overlays").glob("*.yml"))
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
 def test_every_shipped_yaml_loads(path):
     cfg = load_config(path)
     assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+
+
+@pytest.mark.parametrize("path", OVERLAYS, ids=[p.name for p in OVERLAYS])
+def test_every_overlay_layers_onto_every_paper_preset(path):
+    """An overlay is a second --config: it loads on top of any run file and changes only its own keys."""
+    for run in sorted((ROOT / "configs/runs").glob("*/*.yml")):
+        base, over = load_config(run).to_dict(), load_config([run, path]).to_dict()
+        changed = {f"{sec}.{k}" for sec in base for k in base[sec] if base[sec][k] != over[sec][k]}
+        keys = {f"{sec}.{k}" for sec, d in yaml.safe_load(path.read_text()).items() for k in d}
+        assert changed <= keys, (run, changed - keys)
 
 
 def test_cli_user_errors_are_one_line_exit_2(tmp_path):

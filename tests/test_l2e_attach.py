@@ -80,6 +80,8 @@ def train_step(model, l2e: L2E | None, micro: list[torch.Tensor], opt=None):
         pen = l2e.pop_penalty() if l2e is not None else None
         total = loss if pen is None else loss + pen
         (total / gas).backward()
+        if l2e is not None:
+            l2e.micro_batch_end()                       # a no-op unless threshold_update: micro_batch
         losses.append(loss.detach())
     g = grads(model)
     if opt is not None:
@@ -93,6 +95,9 @@ def train_step(model, l2e: L2E | None, micro: list[torch.Tensor], opt=None):
     ("mid2", {6: [2, 3], 24: [11, 12], 32: [15, 16]}),
     ("top_bottom", {6: [0, 5], 24: [0, 23], 32: [0, 31]}),
     ("mid_third", {6: [2, 3], 24: list(range(8, 16)), 32: list(range(11, 21))}),
+    # the paper's 410M sentence read 1-based: "11th and 12th", "8th to 16th" of 24 layers (issue 15)
+    ("mid2_literal", {6: [1, 2], 24: [10, 11], 32: [14, 15]}),
+    ("mid_third_literal", {6: [1, 2, 3], 24: list(range(7, 16)), 32: list(range(10, 21))}),
 ])
 def test_placements_match_design(placement, expected):
     for layers, idx in expected.items():
@@ -189,12 +194,14 @@ def _enable_checkpointing(model, how: str):
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
 @pytest.mark.parametrize("how", ["hf", "inside"])
-@pytest.mark.parametrize("inhibition", ["regularizer", "reverse_deactivation"])
-def test_activation_checkpointing_on_off_identical(how, inhibition):
+@pytest.mark.parametrize("inhibition,granularity", [("regularizer", "step"), ("reverse_deactivation", "step"),
+                                                    ("regularizer", "micro_batch")])
+def test_activation_checkpointing_on_off_identical(how, inhibition, granularity):
+    """micro_batch: tau moves between micro-batches, after the backward — a recompute still sees its own."""
     base = tiny_model()
     plain = copy.deepcopy(base)
     ck = copy.deepcopy(base)
-    cfg = l2e_cfg(inhibition=inhibition, layers="mid2")
+    cfg = l2e_cfg(inhibition=inhibition, layers="mid2", threshold_update=granularity)
     l2e_a = L2E.attach(base, cfg, global_batch_size=4, loss_multiplier=2.0)
     l2e_b = L2E.attach(ck, cfg, global_batch_size=4, loss_multiplier=2.0)
     _enable_checkpointing(ck, how)

@@ -100,11 +100,11 @@ def _gpt_neox_annealing_lr(step, lr, min_lr, warmup_iter, end_iter):
     return max(min_lr + (lr - min_lr) / 2.0 * (math.cos(math.pi * n / end) + 1), min_lr)
 
 
-@pytest.mark.parametrize("decay_iters", [None, 143000])
-def test_lr_schedule_matches_gpt_neox(decay_iters):
-    over = [] if decay_iters is None else [f"schedule.decay_iters={decay_iters}"]
-    cfg = load_config(ROOT / "configs/runs/70m/baseline.yml", over)
-    end = decay_iters or 14300
+@pytest.mark.parametrize("overlay, end", [(None, 143000), ("configs/overlays/short-schedule.yml", 14300)])
+def test_lr_schedule_matches_gpt_neox(overlay, end):
+    """The paper presets cut Pythia's cosine (decay 143,000) off at 14,300; the overlay shortens it."""
+    cfg = load_config([ROOT / "configs/runs/70m/baseline.yml"] + ([ROOT / overlay] if overlay else []))
+    assert cfg.train.iters == 14300 and cfg.decay_iters == end
     for step in [0, 1, 50, 142, 143, 144, 1000, 7150, 14299, 14300, 20000]:
         want = _gpt_neox_annealing_lr(step, 1e-3, 1e-4, 0.01 * end, end)
         assert lr_at(step, cfg) == pytest.approx(want, rel=1e-12, abs=1e-15), step

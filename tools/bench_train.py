@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training throughput with L2E off / exact top-k (No-Thr) / moving threshold, side by side in one run.
+"""Training throughput with L2E off / MEmeL / exact top-k (No-Thr) / moving threshold, side by side in one run.
 
     python tools/bench_train.py                                  # 70M, 410M, 2.8B on the visible GPU
     python tools/bench_train.py --models 70m --micro-batch 16 --steps 10 --reps 5 --json out.json
@@ -8,13 +8,14 @@
 
 For each model one DeepSpeed engine is built exactly as ``python -m megatron_l2e.train`` builds it
 (``megatron_l2e.engine``/``model``, the config's precision, ZeRO stage, activation checkpointing) and
-every step is the training loop's own ``train_step``. The three modes share the engine: before a mode's
+every step is the training loop's own ``train_step``. The modes share the engine: before a mode's
 steps its L2E sites are attached (their state carried over from the mode's previous block), after them
-removed. Repetitions are interleaved (off, topk, threshold, then rotated), each block starting with one
+removed. Repetitions are interleaved (off, memel, topk, threshold, then rotated), each block starting with one
 untimed step; the figures are medians over all timed steps of a mode. Inputs are uniform random tokens
 (the step cost does not depend on the text). L2E modes run with ``late_start 0`` and one warm-up step,
-primed by ``--warmup`` untimed steps, so every timed step is in its phase: exact top-k for ``topk``,
-``φ ≥ tau`` for ``threshold``.
+primed by ``--warmup`` untimed steps, so every timed step is in its phase: exact top-k for ``topk``
+and ``memel``, ``φ ≥ tau`` for ``threshold``. ``memel`` is Table 2's MEmeL row: the L2E settings of
+``configs/runs/70m/memel.yml`` (per-sample exact top-k + Reverse Deactivation; the same at every size).
 
 MFU = (6·N + 12·L·H·S)·tokens/s / (peak · GPUs) — N the parameters doing matmuls (all but the input
 embedding, a lookup), 12·L·H·S the attention score/value matmuls per token forward + backward (PaLM's
@@ -44,7 +45,9 @@ from megatron_l2e.train import attach_l2e, seed_everything, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"70m": "configs/pythia/70m.yml", "410m": "configs/pythia/410m.yml", "2.8b": "configs/pythia/2.8b.yml"}
-MODES = ("off", "topk", "threshold")
+MODES = ("off", "memel", "topk", "threshold")
+MEMEL_PRESET = "configs/runs/70m/memel.yml"     # its l2e method keys define the "memel" mode
+MEMEL_KEYS = ("inhibition", "selection", "delta", "compensation", "forget_steps", "k")
 # Dense (no sparsity) bf16/fp16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's datasheets. Matched
 # against torch.cuda.get_device_name() in this order (first hit wins).
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
@@ -112,9 +115,15 @@ def mode_config(base: Config, mode: str) -> Config:
     cfg = copy.deepcopy(base)
     if mode == "off":
         cfg.l2e.enabled = False
+    elif mode == "memel":
+        memel = load_config(ROOT / MEMEL_PRESET).l2e
+        cfg.l2e.enabled = True
+        for key in MEMEL_KEYS:
+            setattr(cfg.l2e, key, getattr(memel, key))
     else:
         cfg.l2e.enabled = True
         cfg.l2e.selection = mode
+    if mode != "off":
         cfg.l2e.late_start = 0      # scores from the second step on
         cfg.l2e.warmup_steps = 1    # one exact top-k step, then the mode's own selection
     return cfg
@@ -192,7 +201,9 @@ def bench_model(name: str, cfg: Config, dist, args) -> dict:
         tps = tokens_per_step / med
         r = {"step_time_s": med, "step_times_s": mr.times, "tokens_per_s": tps,
              "mfu": (fpt * tps / (peak * 1e12 * dist.world_size)) if peak else None,
-             "phase": mr.phase, "peak_memory_gb": mr.peak_mem / 2**30 if mr.peak_mem else None}
+             "phase": mr.phase, "peak_memory_gb": mr.peak_mem / 2**30 if mr.peak_mem else None,
+             "l2e": ({"inhibition": mr.cfg.l2e.inhibition, "selection": mr.cfg.l2e.selection}
+                     if mr.cfg.l2e.enabled else None)}
         if mr.name == "off":
             base = med
         out["modes"][mr.name] = r
@@ -209,7 +220,7 @@ def bench_model(name: str, cfg: Config, dist, args) -> dict:
 # Output
 # ----------------------------------------------------------------------------------------------
 
-MODE_LABEL = {"off": "off", "topk": "top-k (No-Thr)", "threshold": "threshold (L2E)"}
+MODE_LABEL = {"off": "off", "memel": "MEmeL (top-k + RD)", "topk": "top-k (No-Thr)", "threshold": "threshold (L2E)"}
 
 
 def fmt_table(report: dict) -> str:
@@ -245,7 +256,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="benchmark this run/model YAML instead of --models (repeatable: one model each)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override applied to every model, e.g. --set model.seq_length=1024")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated among off, topk, threshold")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated among off, memel, topk, threshold")
     p.add_argument("--micro-batch", type=int, help="micro-batch per GPU (default: the model config's)")
     p.add_argument("--grad-accum", type=int, default=1, help="accumulation steps per optimizer step (default 1)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",

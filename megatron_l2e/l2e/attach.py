@@ -7,6 +7,7 @@
             lm_loss = model(...).loss
             pen = l2e.pop_penalty()                     # None before scores exist / without regularizer
             engine.backward(lm_loss if pen is None else lm_loss + pen)
+            l2e.micro_batch_end()                       # eq. 6 per micro-batch (threshold_update: micro_batch)
         applied = engine.step()                         # False when fp16 overflow skipped it
         l2e.step_end(applied)
         log(l2e.metrics())
@@ -15,7 +16,9 @@
 Scaling. DeepSpeed divides the loss by the accumulation steps and averages gradients over the
 data-parallel ranks; with ``loss_multiplier = GAS × DP`` the penalty's contribution to the averaged
 parameter gradient is exactly ``λ·2(z − mean)/((z − mean)² + ε)`` per selected element, i.e. the
-objective is ``mean LM loss + λ·Σ_{global batch, selected} log((z − mean)² + ε)``.
+objective is ``mean LM loss + λ·Σ_{global batch, selected} log((z − mean)² + ε)``. With
+``cfg.penalty_per_samples = N`` each site uses λ·N/GB instead of λ (GPT-NeoX's per-micro-batch sum,
+made independent of the actual layout).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import L2EConfig, resolve_layers
-from .site import L2ESite, step_end_sites
+from .site import L2ESite, micro_batch_end_sites, step_end_sites
 
 __all__ = ["L2E"]
 
@@ -85,6 +88,13 @@ class L2E:
         """Measure grad_ratio and phi_selected on the coming step (tensor hooks and an extra pass)."""
         for site in self.sites.values():
             site.measure = bool(on)
+
+    def micro_batch_end(self) -> None:
+        """After each micro-batch's backward: eq. 6 for ``threshold_update: micro_batch`` sites (one small
+        all-reduce when some site is in its threshold phase); a no-op otherwise."""
+        sites = [self.sites[i] for i in sorted(self.sites) if self.sites[i].cfg.threshold_update == "micro_batch"]
+        if sites:
+            micro_batch_end_sites(sites, self.all_reduce)
 
     def step_end(self, applied: bool = True) -> None:
         """After the optimizer step: one packed all-reduce, then every site updates its state."""

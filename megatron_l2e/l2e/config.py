@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-PLACEMENTS = ("mid2", "top_bottom", "mid_third")
+# Centred sets (the presets) and the paper's 410M sentence read 1-based (docs/reproduction.md).
+PLACEMENTS = ("mid2", "top_bottom", "mid_third", "mid2_literal", "mid_third_literal")
 
 
 @dataclass
@@ -18,13 +19,22 @@ class L2EConfig:
     inhibition: Literal["regularizer", "reverse_deactivation", "dropout", "none"] = "regularizer"
     # threshold: L2E's moving threshold (eq. 6) | topk: exact per-sample top-k (No-Thr, MEmeL).
     selection: Literal["threshold", "topk"] = "threshold"
+    # Eq. 6 "for each incoming batch": step = once per optimizer step with the global batch's mean
+    # selected count; micro_batch = once per micro-batch with that micro-batch's count summed over the
+    # data-parallel ranks (the training loop calls L2E.micro_batch_end() after each backward).
+    threshold_update: Literal["step", "micro_batch"] = "step"
     ratio: float | None = 0.02          # share of a sample's N = S·H neurons selected
     k: int | None = None                # or an absolute count per sample (MEmeL's t); sets ratio aside
     lam: float = 1e-11                  # λ of eq. 5 (any sign: negative encourages monosemanticity)
+    # Which batch eq. 5's sum runs over. null: the whole global batch (objective CE + λ·Σ_global).
+    # N: as if summed over each N-sample micro-batch and added to that micro-batch's mean CE, the
+    # GPT-NeoX reading — objective CE + λ·(N/GB)·Σ_global, whatever the actual micro-batch, accumulation
+    # and data-parallel size (the presets write Pythia's own micro-batch: 32 / 32 / 16).
+    penalty_per_samples: int | None = None
     eps: float = 1e-6                   # guards log(0) in eq. 5 only
     delta: float = 1.0                  # Δ of Reverse Deactivation (any real)
     dropout_p: float = 0.2              # probability for inhibition: dropout
-    layers: str | list[int] = "mid2"    # mid2 | top_bottom | mid_third | [0-based block indices]
+    layers: str | list[int] = "mid2"    # mid2 | top_bottom | mid_third | mid2_literal | mid_third_literal | [0-based]
     warmup_steps: int = 10              # scored steps of exact top-k before tau takes over
     late_start: int = 10                # optimizer steps before any score exists
     forget_steps: int | None = 10       # cap of the running count in global batches; null = full history
@@ -57,6 +67,8 @@ class L2EConfig:
             errs.append(("forget_steps", f"must be ≥ 1 or null, got {self.forget_steps}"))
         if self.compensation < 0:
             errs.append(("compensation", f"must be ≥ 0, got {self.compensation}"))
+        if self.penalty_per_samples is not None and self.penalty_per_samples < 1:
+            errs.append(("penalty_per_samples", f"must be ≥ 1 or null, got {self.penalty_per_samples}"))
         if self.grad_ratio_interval < 0:
             errs.append(("grad_ratio_interval", f"must be ≥ 0, got {self.grad_ratio_interval}"))
         if isinstance(self.layers, str) and self.layers not in PLACEMENTS:
@@ -73,7 +85,10 @@ class L2EConfig:
 def resolve_layers(layers: str | list[int], num_layers: int) -> list[int]:
     """0-based block indices of the L2E sites for a model of ``num_layers`` blocks (DESIGN §3).
 
-    mid2 = {L/2 − 1, L/2}; top_bottom = {0, L − 1}; mid_third = round(L/3) … round(2L/3) − 1.
+    Centred sets: mid2 = {L/2 − 1, L/2}; top_bottom = {0, L − 1}; mid_third = round(L/3) … round(2L/3) − 1.
+    The paper's 410M sentence read 1-based ("11th and 12th", "8th to 16th" of 24 layers):
+    mid2_literal = {L/2 − 2, L/2 − 1}; mid_third_literal = round(L/3) − 1 … round(2L/3) − 1 (inclusive).
+    Rounding is half up.
     """
     L = num_layers
     if isinstance(layers, list):
@@ -88,6 +103,11 @@ def resolve_layers(layers: str | list[int], num_layers: int) -> list[int]:
     if layers == "mid_third":
         lo, hi = _round_half_up(L / 3), _round_half_up(2 * L / 3)
         return list(range(lo, max(hi, lo + 1)))
+    if layers == "mid2_literal":
+        return sorted({max(L // 2 - 2, 0), max(L // 2 - 1, 0)})
+    if layers == "mid_third_literal":
+        lo, hi = max(_round_half_up(L / 3) - 1, 0), _round_half_up(2 * L / 3) - 1
+        return list(range(lo, max(hi, lo) + 1))
     raise ValueError(f"l2e.layers: unknown placement {layers!r}")
 
 

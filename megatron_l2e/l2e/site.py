@@ -10,6 +10,10 @@ Lifecycle of an optimizer step (DESIGN §3):
   fp32 tensor, sums it over the data-parallel group with one all-reduce, and each site merges the
   global batch into ``(count, mean, var)`` and moves its threshold. Every rank computes the same
   state from the same sums, so the state never needs broadcasting.
+* with ``threshold_update: micro_batch``, :func:`micro_batch_end_sites` runs after each micro-batch's
+  backward: one small all-reduce of the micro-batch's selected counts, then eq. 6 at every site in
+  its threshold phase. It runs after the backward so that a checkpoint recompute sees the tau its
+  forward used.
 
 A forward re-run by activation checkpointing during backward (detected by a live autograd graph task)
 repeats the same autograd operations — the recomputation must save the same tensors — but adds nothing
@@ -78,6 +82,10 @@ class L2ESite:
         self.cfg = cfg
         self.global_batch_size = global_batch_size
         self.max_count = None if cfg.forget_steps is None else cfg.forget_steps * global_batch_size
+        # λ as it multiplies the global batch's sum (see L2EConfig.penalty_per_samples): the
+        # GPT-NeoX reading λ·(N/GB) makes the objective independent of the actual micro-batch layout.
+        self.lam = cfg.lam if cfg.penalty_per_samples is None else \
+            cfg.lam * cfg.penalty_per_samples / global_batch_size
         # state
         self.shape: tuple[int, ...] | None = None
         self.count = 0
@@ -96,6 +104,10 @@ class L2ESite:
         self._thr_cache: tuple[tuple, Tensor | None] = ((), None)
         self._acc = _StepAcc()
         self._pending: list[Tensor] = []    # micro-batch penalties not yet popped
+        # threshold_update: micro_batch — the last micro-batch's selected count and samples, until
+        # micro_batch_end_sites applies eq. 6; tau as the step began (restored if the step is skipped)
+        self._mb: tuple[Tensor | float, int] | None = None
+        self._tau_step_start = 0.0
         self._metrics: dict[str, float] = {}
 
     # ---- derived -------------------------------------------------------------------------------
@@ -149,6 +161,11 @@ class L2ESite:
                 f"L2E site at block {self.layer}: a training-mode forward ran without autograd, so the "
                 f"{cfg.inhibition} gradient would be lost. Reentrant activation checkpointing does this: "
                 "use gradient_checkpointing_kwargs={'use_reentrant': False}; for evaluation call model.eval()")
+        if self._mb is not None and not recompute:
+            raise RuntimeError(
+                f"L2E site at block {self.layer}: l2e.threshold_update is micro_batch, but the previous "
+                "micro-batch's threshold update is still pending: call L2E.micro_batch_end() after each "
+                "micro-batch's backward")
         self._init_shape(z)
         mean, var, B = self.mean, self.var, z.shape[0]
         scoring = self.scoring()
@@ -175,7 +192,7 @@ class L2ESite:
         # (already counted) and on the very first step (exact fp64 sums below).
         into_bufs = not recompute and self.count > 0
         out = kernels.site_forward(z_pen, mean, var, thr, mean, mode=mode, compensation=cfg.compensation,
-                                   lam=cfg.lam, eps=cfg.eps, delta=cfg.delta, backend=cfg.kernel,
+                                   lam=self.lam, eps=cfg.eps, delta=cfg.delta, backend=cfg.kernel,
                                    sums=self._sum_bufs if into_bufs else None,
                                    accumulate=into_bufs and self._acc.sum_d is not None,
                                    fuse_grad=not split_views)
@@ -193,6 +210,9 @@ class L2ESite:
                     d = z.detach().double() - mean.double()
                     out = out._replace(sum_d=d.sum(0), sum_d2=d.square().sum(0))
             self._accumulate(z, out, thr if exact else None, scoring, into_bufs)
+            if scoring and not exact and cfg.threshold_update == "micro_batch":
+                counts = out.counts.sum()
+                self._mb = (counts.item() if counts.device.type == "cpu" else counts.to(torch.float64), B)
             if out.loss is not None:
                 self._pending.append(out.loss)
             if split_views:
@@ -259,7 +279,7 @@ class L2ESite:
                 self.warm_n += int(round(tail["kth_n"]))
                 if self.scored_steps + 1 == cfg.warmup_steps:
                     self.tau = self.warm_sum / self.warm_n
-            elif cfg.selection == "threshold":
+            elif cfg.selection == "threshold" and cfg.threshold_update == "step":
                 self.tau = float(F.update_threshold(self.tau, selected / samples, self.k, n))
             elif tail["kth_n"] > 0:
                 # topk after warm-up: tau is telemetry only — the step's mean k-th score.
@@ -277,11 +297,23 @@ class L2ESite:
             m["phi_selected"] = tail["phi_sum"] / selected
         self._metrics = m
         self.discard()
+        self._tau_step_start = self.tau
+
+    def micro_batch_update(self, selected: float, samples: float) -> None:
+        """Eq. 6 with one micro-batch's selected count summed over the data-parallel ranks."""
+        self.tau = float(F.update_threshold(self.tau, selected / samples, self.k, self.n_neurons))
+        self._mb = None
+
+    def skip_step(self) -> None:
+        """An overflow-skipped step changes no state: drop its sums, undo its micro-batch tau updates."""
+        self.tau = self._tau_step_start
+        self.discard()
 
     def discard(self) -> None:
-        """Drop the step's accumulators and unpopped penalties (a skipped step changes no state)."""
+        """Drop the step's accumulators, unpopped penalties and pending micro-batch counts."""
         self._acc = _StepAcc()
         self._pending = []
+        self._mb = None
 
     def metrics(self) -> dict[str, float]:
         return dict(self._metrics)
@@ -318,6 +350,7 @@ class L2ESite:
         self.scored_steps = int(sd["scored_steps"])
         self.warm_sum = float(sd["warm_sum"])
         self.warm_n = int(sd["warm_n"])
+        self._tau_step_start = self.tau
         self.discard()
 
 
@@ -330,10 +363,11 @@ def step_end_sites(sites: Sequence[L2ESite], all_reduce: Callable[[Tensor], None
     """
     if not applied:
         for s in sites:
-            s.discard()
+            s.skip_step()
         return
     if not sites:
         return
+    micro_batch_end_sites(sites, all_reduce)     # a last micro-batch update not yet applied (if any)
     device = next((s.mean.device for s in sites if s.mean is not None), torch.device("cpu"))
     measured = [s._acc.measured for s in sites]
     # Same decision on every rank (identical state): fp64 only while some site has no shift yet.
@@ -347,3 +381,22 @@ def step_end_sites(sites: Sequence[L2ESite], all_reduce: Callable[[Tensor], None
     for j, (s, p) in enumerate(zip(sites, flat.split(sizes))):
         tail = dict(zip(_TAIL, tails[j * len(_TAIL):(j + 1) * len(_TAIL)]))
         s.finish(p[:-len(_TAIL)], tail, measured[j])
+
+
+def micro_batch_end_sites(sites: Sequence[L2ESite], all_reduce: Callable[[Tensor], None] | None = None) -> None:
+    """``threshold_update: micro_batch``: apply eq. 6 at every site whose last micro-batch was selected by
+    tau, with the selected count and samples of that micro-batch summed over the data-parallel group.
+
+    Which sites take part depends only on state that is identical on every rank, so every rank runs
+    the same (single, small) all-reduce or none.
+    """
+    live = [s for s in sites if s._mb is not None]
+    if not live:
+        return
+    device = live[0].mean.device
+    vec = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for s in live for v in s._mb])
+    if all_reduce is not None:
+        all_reduce(vec)
+    vals = vec.tolist()                                          # one host sync per micro-batch
+    for j, s in enumerate(live):
+        s.micro_batch_update(vals[2 * j], vals[2 * j + 1])
