@@ -110,10 +110,13 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path):
 
 
 def test_dry_run_70m_paper_run():
-    p = subprocess.run([sys.executable, "-m", "megatron_l2e.train", "--config", "configs/runs/70m/baseline.yml",
+    p = subprocess.run([sys.executable, "-m", "megatron_l2e.train", "--config", "configs/runs/70m/l2e.yml",
                         "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "parameters: 70,426,624" in p.stdout
     assert "tokens per step: 2,097,152" in p.stdout
     assert "steps: 14,300" in p.stdout
-    assert "decay_iters: 14300" in p.stdout      # the resolved config is printed
+    assert "  decay_iters: 143000\n" in p.stdout      # the resolved config is printed
+    # Pythia's cosine cut off at 14,300 (the lr formula by hand: tests/test_l2e_readings.py)
+    assert "warm-up 1,430 steps, decay over 143,000 steps" in p.stdout
+    assert "lr at the last step 0.000982" in p.stdout
