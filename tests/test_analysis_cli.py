@@ -23,7 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from megatron_l2e.analysis import build_stdlib_dataset, write_jsonl  # noqa: E402
-from megatron_l2e.analysis.cli import main  # noqa: E402
+from megatron_l2e.analysis.cli import apply_preset, build_parser, main, settings_from_args  # noqa: E402
+from megatron_l2e.analysis.commands import ALL_NEURONS  # noqa: E402
 
 CLASSES = ["asyncio", "email", "http", "json", "logging", "unittest"]
 SEQ = 48
@@ -72,7 +73,10 @@ def run(argv) -> int:
 
 
 def model_args(assets, *extra):
-    return ["--model", assets["models"][0], "--features", assets["features"], "--seq-length", SEQ, *extra]
+    # The tiny model is checked with the small settings (and the numpy references use c = 0.01);
+    # the paper preset's own defaults are checked in test_presets_*.
+    return ["--model", assets["models"][0], "--features", assets["features"], "--preset", "quick",
+            "--seq-length", SEQ, *extra]
 
 
 def check_figures(out: Path, figures: list[dict]):
@@ -118,7 +122,7 @@ def test_every_command_end_to_end(assets):
     commands = {
         "probe": model_args(assets, "--top-k", 3),
         "validate": model_args(assets, "--top-k", 2, "--random-neurons", 30),
-        "ks": model_args(assets, "--model", assets["models"][1], "--random-neurons", 30),
+        "ks": model_args(assets, "--model", assets["models"][1], "--random-neurons", 30, "--pooled"),
         "layers": model_args(assets, "--model", assets["models"][1]),
         "fkr": model_args(assets, "--ratios", "0.01,0.02,0.1"),
         "trajectory": ["--runs", assets["runs"][0], "--baseline-runs", assets["runs"][1]],
@@ -134,6 +138,13 @@ def test_every_command_end_to_end(assets):
     assert set(probe["top"]) == set(CLASSES) and all(len(v) == 3 for v in probe["top"].values())
     ks = json.loads((tmp / "out_ks/ks.json").read_text())["models"]
     assert set(ks) == {"tiny_a", "tiny_b"} and all(0 < m["mean"] < 1 for m in ks.values())
+    assert all(0 <= m["pooled"]["statistic"] <= 1 and m["pooled"]["n_all"] > m["pooled"]["n_feature"] > 0
+               for m in ks.values())
+    layers = json.loads((tmp / "out_layers/layers.json").read_text())
+    # --preset quick: every scored MLP channel of each layer, as before the paper preset
+    assert layers["random_neurons"] == "all"
+    assert all(v["n_neurons"] == v["n_scored"] == 64 and "drawn" not in v
+               for v in layers["models"]["tiny_a"]["layers"].values())
     fkr = json.loads((tmp / "out_fkr/fkr.json").read_text())
     assert fkr["neurons"] == "block" and set(fkr["fkr"]) == {"0", "1", "2"}
     assert all(set(v) == {"0.01", "0.02", "0.1"} for v in fkr["fkr"].values())
@@ -160,8 +171,9 @@ def test_report_end_to_end(assets):
 
 def test_ks_equals_scipy_on_independently_captured_activations(assets):
     out = assets["tmp"] / "out_ks_check"
-    assert run(["ks", *model_args(assets, "--layers", "1", "--random-neurons", 20), "--out", out]) == 0
-    rows = json.loads((out / "ks.json").read_text())["models"]["tiny_a"]["neurons"]
+    assert run(["ks", *model_args(assets, "--layers", "1", "--random-neurons", 20, "--pooled"), "--out", out]) == 0
+    model = json.loads((out / "ks.json").read_text())["models"]["tiny_a"]
+    rows = model["neurons"]
     valid, act, _, labels = capture_independently(assets, 1)
     # MLP neuron value of a sequence: mean of its channel over the valid tokens
     z = (act * valid[..., None]).sum(1) / valid.sum(1)[:, None]
@@ -173,6 +185,11 @@ def test_ks_equals_scipy_on_independently_captured_activations(assets):
         assert row["feature"] == CLASSES[l_star[j]]
         ref = scipy.stats.ks_2samp(phi[labels == l_star[j], j], phi[:, j])
         assert row["statistic"] == pytest.approx(ref.statistic, abs=1e-6)
+    # pooled: one test on the 20 neurons' samples concatenated
+    js = [r["neuron"] for r in rows]
+    ref = scipy.stats.ks_2samp(np.concatenate([phi[labels == l_star[j], j] for j in js]), phi[:, js].T.ravel())
+    assert model["pooled"]["statistic"] == pytest.approx(ref.statistic, abs=1e-6)
+    assert model["pooled"]["n_all"] == 20 * len(labels)
 
 
 def test_fkr_ratio_one_is_share_outside_l_star(assets):
@@ -214,6 +231,63 @@ def test_saved_dataset_folder(assets):
                 "--seq-length", SEQ, "--out", out]) == 0
     data = json.loads((out / "probe.json").read_text())
     assert data["meta"]["classes"] == CLASSES and data["meta"]["n_sequences"] == len(rows)
+    # no --preset: the paper's settings end to end (only --seq-length given, the model has 64 positions)
+    assert data["meta"]["preset"] == "paper" and data["meta"]["compensation"] == 0.0
+    assert data["top_k"] == 10 and all(len(v) == 10 for v in data["models"]["tiny_a"]["top"].values())
+
+
+# ------------------------------------------------------------------------------------------- presets
+
+def settings_for(argv):
+    args = build_parser().parse_args([str(a) for a in argv] + ["--out", "o"])
+    apply_preset(args)
+    return args, settings_from_args(args)
+
+
+MODEL = ["--model", "m", "--features", "f"]
+
+
+def test_presets_paper_by_default_quick_on_request():
+    for argv in (["validate", *MODEL], ["validate", *MODEL, "--preset", "paper"]):
+        args, s = settings_for(argv)
+        assert (args.seq_length, s.top_k, s.compensation, s.preset) == (512, 10, 0.0, "paper")
+        assert (s.n_random("validate"), s.n_random("ks"), s.n_random("layers")) == (10, 1000, 1000)
+        assert not s.pooled
+    args, s = settings_for(["report", *MODEL, "--preset", "quick"])
+    assert (args.seq_length, s.top_k, s.compensation, s.preset) == (128, 5, 0.01, "quick")
+    assert (s.n_random("validate"), s.n_random("ks"), s.n_random("layers")) == (100, 100, ALL_NEURONS)
+    _, s = settings_for(["ks", *MODEL, "--pooled"])
+    assert s.pooled and s.n_random("ks") == 1000
+
+
+def test_presets_explicit_flags_win():
+    # compensation 0 and seq length 128 are falsy / equal to a preset value: still explicit
+    args, s = settings_for(["validate", *MODEL, "--preset", "quick", "--seq-length", 64, "--top-k", 7,
+                            "--compensation", 0, "--random-neurons", 3])
+    assert (args.seq_length, s.top_k, s.compensation, s.n_random("validate")) == (64, 7, 0.0, 3)
+    args, s = settings_for(["ks", *MODEL, "--compensation", 0.01, "--seq-length", 128])
+    assert (args.seq_length, s.compensation, s.preset) == (128, 0.01, "paper")
+    # report: one --random-neurons for every section that draws; 'all' and 0 mean no draw
+    _, s = settings_for(["report", *MODEL, "--random-neurons", 20])
+    assert (s.n_random("validate"), s.n_random("ks"), s.n_random("layers")) == (20, 20, 20)
+    for value in ("all", "0"):
+        _, s = settings_for(["layers", *MODEL, "--random-neurons", value])
+        assert s.n_random("layers") == ALL_NEURONS
+
+
+def test_help_shows_each_commands_own_defaults(capsys):
+    expected = {
+        "validate": ["default 10; 100 with --preset quick", "(default 10; 5 with"],
+        "ks": ["default 1000; 100 with --preset quick", "--pooled"],
+        "layers": ["default 1000; all with --preset quick"],
+        "report": ["default 10 / 1000 / 1000; 100 / 100 / all with --preset quick"],
+    }
+    for command, needles in expected.items():
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())          # undo argparse's line wrapping
+        for needle in needles + ["default 512; 128 with --preset quick", "default 0; 0.01 with --preset quick"]:
+            assert needle in text, (command, needle)
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -231,6 +305,11 @@ def test_bad_input_is_one_line_and_exit_2(assets, capsys):
         "--seq-length": ["layers", *model_args(assets), "--seq-length", "65"],
         "1.5": ["fkr", *model_args(assets, "--ratios", "0.02,1.5")],
         "metrics.jsonl": ["trajectory", "--runs", tmp],
+        "'x'": ["ks", *model_args(assets, "--random-neurons", "x")],
+        "≥ 0": ["ks", *model_args(assets, "--random-neurons", "-1")],
+        "'fast'": ["ks", *model_args(assets), "--preset", "fast"],
+        # the paper preset's 512 tokens do not fit the tiny model: say where 512 came from
+        "paper preset": ["layers", "--model", assets["models"][0], "--features", assets["features"]],
     }
     for culprit, argv in cases.items():
         try:

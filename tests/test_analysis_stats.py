@@ -21,7 +21,8 @@ def numpy_phi(values: np.ndarray, mask: np.ndarray, c: float) -> np.ndarray:
     return (v - mu) ** 2 / (var + c * var.mean())
 
 
-def make_context(labels, classes, kind, layer_values, valid=None, tmp_path=None, **settings) -> Context:
+def make_context(labels, classes, kind, layer_values, valid=None, tmp_path=None, compensation=0.01,
+                 **settings) -> Context:
     """A Context around synthetic activations (no model): ``layer_values[layer]`` is [X, N] or [X, S, H]."""
     x = len(labels)
     s = 1 if valid is None else valid.shape[1]
@@ -30,8 +31,8 @@ def make_context(labels, classes, kind, layer_values, valid=None, tmp_path=None,
                        labels=np.asarray(labels), classes=classes, source="synthetic")
     cap = Capture(name="synthetic", n_params=0, n_layers=len(layer_values), layers=sorted(layer_values),
                   **{kind: {k: torch.as_tensor(v, dtype=torch.float32) for k, v in layer_values.items()}})
-    return Context(models=[ModelData(cap, feats, 0.01)], classes=classes,
-                   settings=Settings(out=tmp_path, neurons=kind, **settings))
+    return Context(models=[ModelData(cap, feats, compensation)], classes=classes,
+                   settings=Settings(out=tmp_path, neurons=kind, compensation=compensation, **settings))
 
 
 # ------------------------------------------------------------------------------------------------ MS
@@ -49,6 +50,25 @@ def test_ms_matrix_matches_numpy_with_padding():
     np.testing.assert_allclose(phi[:, scored], ref, rtol=1e-10, equal_nan=True)
     assert np.isnan(phi[:, ~scored]).all()
     assert np.isnan(phi[~mask]).all()
+
+
+def test_ms_matrix_compensation_zero_is_eq1_without_constant_neurons():
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(30, 6)) * np.array([0.1, 1, 10, 1, 1, 1])
+    mask = rng.random((30, 6)) > 0.2
+    values[~mask] = 1e9
+    values[:, 3] = 0.7                  # constant: 0/0 without the compensation term
+    values[mask[:, 4], 4] = 0.3         # constant over its valid inputs only (padding differs)
+    phi = stats.ms_matrix(torch.tensor(values), torch.tensor(mask), compensation=0.0).numpy()
+    scored = np.array([0, 1, 2, 5])
+    np.testing.assert_allclose(phi[:, scored], numpy_phi(values[:, scored], mask[:, scored], 0.0),
+                               rtol=1e-10, equal_nan=True)
+    assert np.isnan(phi[:, [3, 4]]).all()
+    # 0 is the default (the paper's eq. 1) …
+    np.testing.assert_array_equal(stats.ms_matrix(torch.tensor(values), torch.tensor(mask)).numpy(), phi)
+    # … and with MEmeL's compensation a constant neuron scores (≈ 0), as in training
+    comp = stats.ms_matrix(torch.tensor(values), torch.tensor(mask), compensation=0.01).numpy()
+    assert np.all(comp[mask[:, 3], 3] < 1e-20)
 
 
 # ---------------------------------------------------------------------------------------------- FKR
@@ -190,3 +210,77 @@ def test_ks_command_equals_scipy_on_same_samples(tmp_path):
         assert row["statistic"] == pytest.approx(ref.statistic, abs=1e-12)
         assert row["pvalue"] == pytest.approx(ref.pvalue, rel=1e-9)
     assert data["mean"] == pytest.approx(np.mean([r["statistic"] for r in data["neurons"]]))
+    assert "pooled" not in data
+
+
+def test_ks_pooled_equals_scipy_on_pooled_samples():
+    rng = np.random.default_rng(6)
+    phi = rng.exponential(size=(40, 5))
+    phi[rng.random(phi.shape) < 0.1] = np.nan           # padding
+    labels = rng.integers(0, 3, size=40)
+    features = np.array([0, 2, 1, 2, 0])                # ℓ* of each neuron
+    got = stats.ks_pooled([(torch.tensor(phi[:, j]), int(f)) for j, f in enumerate(features)], labels)
+    # independent: one mask over the whole matrix (row-major order; K-S does not depend on order)
+    valid = ~np.isnan(phi)
+    a = phi[valid & (labels[:, None] == features[None, :])]
+    b = phi[valid]
+    ref = scipy.stats.ks_2samp(a, b)
+    assert got[2:] == (len(a), len(b))
+    assert got[0] == pytest.approx(ref.statistic, abs=1e-12)
+    assert got[1] == pytest.approx(ref.pvalue, rel=1e-9)
+    with pytest.raises(ValueError):
+        stats.ks_pooled([], labels)
+
+
+def test_ks_command_pooled_with_paper_defaults(tmp_path):
+    labels, layers = planted(np.random.default_rng(4))
+    # paper defaults: c = 0 and 1,000 random neurons, i.e. all 2 × 50 here
+    ctx = make_context(labels, ["w", "x", "y", "z"], "mlp", layers, tmp_path=tmp_path, compensation=0.0,
+                       pooled=True)
+    section = COMMANDS["ks"](ctx)
+    data = section.data["models"]["synthetic"]
+    assert section.data["random_neurons"] == 1000 and len(data["neurons"]) == 100
+    a, b = [], []
+    for row in data["neurons"]:
+        phi = numpy_phi(layers[row["layer"]], np.ones((120, 50), bool), 0.0)
+        l_star = np.argmax([phi[labels == c].mean(0) for c in range(4)], axis=0)
+        j = row["neuron"]
+        a.append(phi[labels == l_star[j], j])
+        b.append(phi[:, j])
+    ref = scipy.stats.ks_2samp(np.concatenate(a), np.concatenate(b))
+    assert data["pooled"]["statistic"] == pytest.approx(ref.statistic, abs=1e-12)
+    assert data["pooled"]["pvalue"] == pytest.approx(ref.pvalue, rel=1e-9)
+    assert (data["pooled"]["n_feature"], data["pooled"]["n_all"]) == (100 * 30, 100 * 120)
+    assert "pooled K-S" in section.markdown and (tmp_path / "ks.png").stat().st_size > 0
+
+
+# -------------------------------------------------------------------------------------------- layers
+
+def test_layers_draws_random_neurons_in_each_layer(tmp_path):
+    labels, layers = planted(np.random.default_rng(7))
+    classes = ["w", "x", "y", "z"]
+
+    def star_numpy(layer):
+        # the Context holds fp32 activations (as captured): round the same way, then fp64 like stats
+        phi = numpy_phi(layers[layer].astype(np.float32), np.ones((120, 50), bool), 0.0)
+        return np.max([phi[labels == c].mean(0) for c in range(4)], axis=0)
+
+    ctx = make_context(labels, classes, "mlp", layers, tmp_path=tmp_path, compensation=0.0, random_neurons=10)
+    data = COMMANDS["layers"](ctx).data
+    assert data["random_neurons"] == 10
+    per_layer = data["models"]["synthetic"]["layers"]
+    for layer, v in per_layer.items():
+        drawn = v["drawn"]
+        assert len(set(drawn)) == v["n_neurons"] == 10 and v["n_scored"] == 50
+        assert all(0 <= j < 50 for j in drawn)
+        star = star_numpy(int(layer))[drawn]
+        assert v["mean_phi_star"] == pytest.approx(star.mean(), rel=1e-10)
+        assert v["std"] == pytest.approx(star.std(ddof=1), rel=1e-10)
+    assert per_layer["0"]["drawn"] != per_layer["1"]["drawn"]          # one draw per layer
+
+    ctx = make_context(labels, classes, "mlp", layers, tmp_path=tmp_path, compensation=0.0, random_neurons=0)
+    data = COMMANDS["layers"](ctx).data
+    assert data["random_neurons"] == "all"
+    for layer, v in data["models"]["synthetic"]["layers"].items():
+        assert "drawn" not in v and v["n_neurons"] == 50
+        assert v["mean_phi_star"] == pytest.approx(star_numpy(int(layer)).mean(), rel=1e-10)

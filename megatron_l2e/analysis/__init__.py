@@ -11,7 +11,7 @@ loop.
 """
 
 from .features import DEFAULT_STDLIB_CLASSES, build_stdlib_dataset, read_features, write_jsonl
-from .stats import (feature_means, fkr_curve, ks_statistic, ms_matrix, probe_f1, relative_feature)
+from .stats import (feature_means, fkr_curve, ks_pooled, ks_statistic, ms_matrix, probe_f1, relative_feature)
 
 __all__ = [
     "DEFAULT_STDLIB_CLASSES",
@@ -23,5 +23,6 @@ __all__ = [
     "relative_feature",
     "probe_f1",
     "ks_statistic",
+    "ks_pooled",
     "fkr_curve",
 ]

@@ -20,12 +20,38 @@ from .activations import Capture, neuron_view
 from .features import FeatureSet
 from .trajectory import read_tau_series
 
-__all__ = ["DEFAULT_RATIOS", "DEFAULT_NEURONS", "Settings", "ModelData", "Context", "Section", "COMMANDS"]
+__all__ = ["DEFAULT_RATIOS", "DEFAULT_NEURONS", "ALL_NEURONS", "Preset", "PRESETS", "Settings", "ModelData",
+           "Context", "Section", "COMMANDS"]
 
 # 0.1 % … 10 %, denser around the paper's 1–2 %.
 DEFAULT_RATIOS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1)
 # Which neurons each command looks at unless --neurons says otherwise (issue 8).
 DEFAULT_NEURONS = {"probe": "mlp", "validate": "mlp", "ks": "mlp", "layers": "mlp", "fkr": "block"}
+# A random-neuron count meaning "every scored neuron, no draw" (`--random-neurons all` or 0).
+ALL_NEURONS = 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults of the settings that differ between the paper's analysis and a quick look."""
+
+    seq_length: int
+    top_k: int
+    compensation: float
+    random_neurons: dict[str, int]      # per command that draws neurons; ALL_NEURONS = no draw
+
+
+PRESETS = {
+    # The paper's Section 3 settings: 512-token sequences (its Table 3), the top 10 probed neurons per
+    # feature, 10 random neurons in the Fig. 3b box plot, 1,000 random neurons for the K-S test
+    # (Fig. 4) and per layer for Fig. 5, and eq. 1's plain (z − z̄)²/S² (no compensation term).
+    "paper": Preset(seq_length=512, top_k=10, compensation=0.0,
+                    random_neurons={"validate": 10, "ks": 1000, "layers": 1000}),
+    # The toolkit's original small settings, sized for the smoke model (128 positions, 4 blocks):
+    # MEmeL's compensation 0.01 (what L2E trains with), and `layers` averages every neuron.
+    "quick": Preset(seq_length=128, top_k=5, compensation=0.01,
+                    random_neurons={"validate": 100, "ks": 100, "layers": ALL_NEURONS}),
+}
 
 
 def _num(x) -> float | None:
@@ -56,13 +82,27 @@ def _slug(name: str) -> str:
 class Settings:
     out: Path
     neurons: str | None = None
-    compensation: float = 0.01
-    top_k: int = 5
-    random_neurons: int = 100
+    preset: str = "paper"
+    compensation: float = PRESETS["paper"].compensation
+    top_k: int = PRESETS["paper"].top_k
+    # One count for every command that draws neurons (`--random-neurons`), or None: each command's
+    # own default from the preset (validate's box plot uses far fewer than ks and layers).
+    random_neurons: int | None = None
+    pooled: bool = False                # ks: also one K-S test on the pooled samples of all drawn neurons
     ratios: tuple[float, ...] = DEFAULT_RATIOS
     seed: int = 0
     runs: tuple[Path, ...] = ()
     baseline_runs: tuple[Path, ...] = ()
+
+    def n_random(self, command: str) -> int:
+        """Random neurons ``command`` draws (:data:`ALL_NEURONS`: all of them)."""
+        if self.random_neurons is not None:
+            return self.random_neurons
+        return PRESETS[self.preset].random_neurons[command]
+
+
+def _count_json(n: int) -> int | str:
+    return "all" if n == ALL_NEURONS else n
 
 
 @dataclass(frozen=True)
@@ -204,7 +244,8 @@ def cmd_probe(ctx: Context) -> Section:
 def cmd_validate(ctx: Context) -> Section:
     kind = ctx.kind("validate")
     s = ctx.settings
-    data = {"neurons": kind, "top_k": s.top_k, "random_neurons": s.random_neurons, "models": {}}
+    n_random = s.n_random("validate")
+    data = {"neurons": kind, "top_k": s.top_k, "random_neurons": _count_json(n_random), "models": {}}
     figures, md = [], ["φ_ℓ (inputs with the probed feature ℓ) vs φ_ℓ⁻ (inputs without it), and φ_ℓ* of "
                        "probed vs random neurons.\n",
                        "| model | probed | share φ_ℓ > φ_ℓ⁻ | mean φ_ℓ | mean φ_ℓ⁻ | mean φ_ℓ* probed | "
@@ -219,7 +260,7 @@ def cmd_validate(ctx: Context) -> Section:
                                    phi_not_l=_num(fs.phi_not[c, j]), phi_star=_num(fs.phi_star[j]),
                                    l_star=ctx.classes[int(fs.l_star[j])]))
         random = []
-        for layer, j in stats.sample_neurons(ctx.rng("validate", mi), m.scored(kind), s.random_neurons):
+        for layer, j in stats.sample_neurons(ctx.rng("validate", mi), m.scored(kind), n_random):
             fs = m.feature_stats(kind, layer)
             random.append(dict(m.describe(kind, layer, j), phi_star=_num(fs.phi_star[j]),
                                l_star=ctx.classes[int(fs.l_star[j])]))
@@ -249,31 +290,51 @@ def cmd_validate(ctx: Context) -> Section:
 def cmd_ks(ctx: Context) -> Section:
     kind = ctx.kind("ks")
     s = ctx.settings
-    data = {"neurons": kind, "random_neurons": s.random_neurons, "models": {}}
+    n_random = s.n_random("ks")
+    drawn = "all scored" if n_random == ALL_NEURONS else f"{n_random} random (all where fewer are scored)"
+    data = {"neurons": kind, "random_neurons": _count_json(n_random), "pooled": s.pooled, "models": {}}
+    header, rule = "| model | parameters | neurons | mean K-S | std |", "|---|---|---|---|---|"
+    if s.pooled:
+        header, rule = header + " pooled K-S | pooled p |", rule + "---|---|"
     md = [f"K-S statistic between φ of the inputs of each neuron's ℓ* and φ of all inputs, mean over "
-          f"{s.random_neurons} random {kind} neurons.\n", "| model | parameters | mean K-S | std |", "|---|---|---|---|"]
+          f"{drawn} {kind} neurons"
+          + ("; pooled: one test per model on the samples of all those neurons together" if s.pooled else "")
+          + ".\n", header, rule]
     for mi, m in enumerate(ctx.models):
-        rows = []
-        for layer, j in stats.sample_neurons(ctx.rng("ks", mi), m.scored(kind), s.random_neurons):
+        rows, columns = [], []
+        for layer, j in stats.sample_neurons(ctx.rng("ks", mi), m.scored(kind), n_random):
             fs = m.feature_stats(kind, layer)
             feature = int(fs.l_star[j])
-            stat, pvalue, n_feature, n_all = stats.ks_statistic(m.phi(kind, layer)[:, j], m.feats.labels, feature)
+            column = m.phi(kind, layer)[:, j]
+            stat, pvalue, n_feature, n_all = stats.ks_statistic(column, m.feats.labels, feature)
             rows.append(dict(m.describe(kind, layer, j), feature=ctx.classes[feature], statistic=stat,
                              pvalue=pvalue, n_feature=n_feature, n_all=n_all))
+            if s.pooled:
+                columns.append((column, feature))
         st = [r["statistic"] for r in rows]
-        data["models"][m.name] = {
+        entry = data["models"][m.name] = {
             "n_params": m.capture.n_params,
             "mean": _mean(st), "std": _num(np.std(st)) if st else None,
             "per_layer": {str(layer): _mean(r["statistic"] for r in rows if r["layer"] == layer)
                           for layer in m.layers},
             "neurons": rows,
         }
-        md.append(f"| {m.name} | {m.capture.n_params:,} | {_fmt(data['models'][m.name]['mean'])} | "
-                  f"{_fmt(data['models'][m.name]['std'])} |")
+        line = f"| {m.name} | {m.capture.n_params:,} | {len(rows)} | {_fmt(entry['mean'])} | {_fmt(entry['std'])} |"
+        if s.pooled:
+            pooled = None
+            if columns:
+                stat, pvalue, n_feature, n_all = stats.ks_pooled(columns, m.feats.labels)
+                pooled = {"statistic": stat, "pvalue": _num(pvalue), "n_feature": n_feature, "n_all": n_all}
+            entry["pooled"] = pooled
+            line += f" {_fmt((pooled or {}).get('statistic'))} | {_fmt((pooled or {}).get('pvalue'), '.3g')} |"
+        md.append(line)
     names = [m.name for m in ctx.models]
+    pooled_curve = None
+    if s.pooled:
+        pooled_curve = [_nan((data["models"][n]["pooled"] or {}).get("statistic")) for n in names]
     fig = plots.ks_figure(names, [m.capture.n_params for m in ctx.models],
                           [_nan(data["models"][n]["mean"]) for n in names],
-                          [data["models"][n]["std"] or 0.0 for n in names])
+                          [data["models"][n]["std"] or 0.0 for n in names], pooled_curve)
     return Section("ks", data, [plots.save_figure(fig, ctx.png("ks"))], "\n".join(md))
 
 
@@ -281,17 +342,28 @@ def cmd_ks(ctx: Context) -> Section:
 
 def cmd_layers(ctx: Context) -> Section:
     kind = ctx.kind("layers")
-    data = {"neurons": kind, "models": {}}
-    md = [f"Mean φ_ℓ* over all scored {kind} neurons of each layer.\n",
+    n_random = ctx.settings.n_random("layers")
+    drawn = "all scored" if n_random == ALL_NEURONS else f"{n_random} random scored (all where fewer)"
+    data = {"neurons": kind, "random_neurons": _count_json(n_random), "models": {}}
+    md = [f"Mean φ_ℓ* over {drawn} {kind} neurons of each layer.\n",
           "| model | layer | mean φ_ℓ* | std | neurons |", "|---|---|---|---|---|"]
     curves = {}
-    for m in ctx.models:
+    for mi, m in enumerate(ctx.models):
         per_layer = {}
+        rng = ctx.rng("layers", mi)
         for layer in m.layers:
             star = m.feature_stats(kind, layer).phi_star
-            star = star[~torch.isnan(star)]
+            scored = torch.nonzero(~torch.isnan(star))[:, 0].numpy()
+            # Fig. 5 draws its neurons in each layer separately (not over all layers, as ks does), so
+            # every layer's mean is over the same number of neurons whatever the layers' widths.
+            picked = [j for _, j in stats.sample_neurons(rng, {layer: scored}, n_random)]
+            star = star[picked]
             per_layer[str(layer)] = {"mean_phi_star": _num(star.mean()), "std": _num(star.std()),
-                                     "n_neurons": int(star.numel())}
+                                     "n_neurons": int(star.numel()), "n_scored": int(len(scored))}
+            if n_random != ALL_NEURONS:
+                # The drawn neurons, so the mean can be reproduced (not listed for "all": a block
+                # layer of a large model has millions).
+                per_layer[str(layer)]["drawn"] = picked
         data["models"][m.name] = {"layers": per_layer}
         curves[m.name] = (m.layers, [_nan(per_layer[str(i)]["mean_phi_star"]) for i in m.layers],
                           [per_layer[str(i)]["std"] or 0.0 for i in m.layers])

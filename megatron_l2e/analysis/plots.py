@@ -76,11 +76,15 @@ def validate_figure(model: str, phi_not: list[float], phi_l: list[float], featur
     return fig
 
 
-def ks_figure(models: list[str], n_params: list[int], mean: list[float], std: list[float]) -> Figure:
-    """Mean K-S statistic over random neurons per model (paper Fig. 4)."""
+def ks_figure(models: list[str], n_params: list[int], mean: list[float], std: list[float],
+              pooled: list[float] | None = None) -> Figure:
+    """Mean K-S statistic over random neurons per model (paper Fig. 4); ``pooled``: one test per model."""
     fig, (ax,) = _figure()
     x = np.arange(len(models))
-    ax.errorbar(x, mean, yerr=std, marker="o", capsize=4)
+    ax.errorbar(x, mean, yerr=std, marker="o", capsize=4, label="mean ± std over neurons")
+    if pooled is not None:
+        ax.plot(x, pooled, marker="s", linestyle="--", label="pooled neurons, one test")
+        ax.legend(fontsize="small")
     ax.set_xticks(x, [f"{m}\n{p / 1e6:.2f}M" for m, p in zip(models, n_params)], fontsize="small")
     ax.set_xlabel("model (parameters)")
     ax.set_ylabel("K-S statistic: φ of ℓ* inputs vs all inputs")

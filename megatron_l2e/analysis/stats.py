@@ -1,18 +1,20 @@
-"""Monosemanticity statistics on a frozen model's activations (paper Section 3, Appendix B).
+"""Monosemanticity statistics on a frozen model's activations (paper Sections 3 and 4.2, Appendix B).
 
 Every function takes one layer's neuron matrix ``values [X, N]`` (X inputs = sequences, N neurons)
 with an optional validity ``mask [X, N]`` (False = padded position: never counted), and integer
 ``labels [X]`` in ``[0, L)``. The MS itself is :func:`megatron_l2e.l2e.functional.ms_score` — the
 code L2E trains with — applied with the dataset's own per-neuron mean and unbiased variance:
 
-    φ(x, j)    = (z_j(x) − μ_j)² / (σ²_j + c·mean_j' σ²_j')                 (MS of input x at neuron j)
-    φ_ℓ(j)     = mean of φ(x, j) over inputs x of feature ℓ                  (eq. 2)
+    φ(x, j)    = (z_j(x) − μ_j)² / (σ²_j + c·mean_j' σ²_j')    (MS of input x at neuron j; eq. 1, §3, if c = 0)
+    φ_ℓ(j)     = mean of φ(x, j) over inputs x of feature ℓ                  (eq. 2, §3.1)
     φ_ℓ⁻(j)    = mean of φ(x, j) over inputs x not of feature ℓ              (eq. 2, complement)
-    ℓ*(j)      = argmax_ℓ φ_ℓ(j),   φ_ℓ*(j) = max_ℓ φ_ℓ(j)                    (eq. 3)
-    FKR(r)     = |{(x, j) : φ(x, j) ≥ τ_k, label(x) ≠ ℓ*(j)}| / |{(x, j) : φ(x, j) ≥ τ_k}|   (eq. 4)
+    ℓ*(j)      = argmax_ℓ φ_ℓ(j),   φ_ℓ*(j) = max_ℓ φ_ℓ(j)                    (eq. 3, §3.1)
+    FKR(r)     = |{(x, j) : φ(x, j) ≥ τ_k, label(x) ≠ ℓ*(j)}| / |{(x, j) : φ(x, j) ≥ τ_k}|   (eq. 4, §4.2)
                  τ_k = the k-th largest φ over all valid (x, j), k = round(r · #valid pairs)
 
-Neurons with fewer than two valid inputs have no variance and therefore no score (NaN columns);
+The compensation c = 0 is the paper's eq. 1; c > 0 is MEmeL's variance compensation (what L2E trains
+with, 0.01 by default there). Neurons with fewer than two valid inputs have no variance and therefore
+no score (NaN columns); at c = 0 neither does a neuron whose valid values are all equal (0/0).
 ``c·mean(var)`` averages over the scored neurons of the layer, as a training site averages over its
 ``[S, H]``.
 """
@@ -37,6 +39,7 @@ __all__ = [
     "probe_f1",
     "ks_samples",
     "ks_statistic",
+    "ks_pooled",
     "FKRPoint",
     "fkr_curve",
     "sample_neurons",
@@ -57,10 +60,21 @@ def masked_moments(values: Tensor, mask: Tensor | None = None):
     return count.long(), mean, var
 
 
-def ms_matrix(values: Tensor, mask: Tensor | None = None, compensation: float = 0.01) -> Tensor:
-    """φ ``[X, N]`` (fp64) with the dataset's own moments; NaN at invalid entries and unscored neurons."""
+def ms_matrix(values: Tensor, mask: Tensor | None = None, compensation: float = 0.0) -> Tensor:
+    """φ ``[X, N]`` (fp64) with the dataset's own moments; NaN at invalid entries and unscored neurons.
+
+    ``compensation`` 0 (the default) is the paper's eq. 1.
+    """
     count, mean, var = masked_moments(values, mask)
     keep = count >= 2
+    if compensation == 0:
+        # Without the compensation term a constant neuron's MS is 0/0: its computed deviations and
+        # variance are fp rounding noise (the mean of equal values need not be exactly that value),
+        # and their ratio would be an arbitrary score of order 1. It has no score, like a 1-input neuron.
+        v = values.double()
+        valid = torch.ones_like(v, dtype=torch.bool) if mask is None else mask
+        spread = (torch.where(valid, v, -torch.inf).amax(0) > torch.where(valid, v, torch.inf).amin(0))
+        keep &= spread
     phi = torch.full(values.shape, float("nan"), dtype=torch.float64)
     phi[:, keep] = ms_score(values[:, keep].double(), mean[keep], var[keep], compensation)
     if mask is not None:
@@ -159,6 +173,22 @@ def ks_statistic(phi_col: Tensor, labels: np.ndarray, feature: int) -> tuple[flo
     return float(res.statistic), float(res.pvalue), len(a), len(b)
 
 
+def ks_pooled(columns: list[tuple[Tensor, int]], labels: np.ndarray) -> tuple[float, float, int, int]:
+    """One ``scipy.stats.ks_2samp`` over many neurons: ``columns`` holds ``(φ[:, j], ℓ*(j))`` per neuron j.
+
+    The first sample pools {φ(x, j) : label(x) = ℓ*(j)} over the neurons, the second {φ(x, j) : all x};
+    one test per model instead of a mean of per-neuron statistics. Returns
+    ``(statistic, pvalue, n_feature, n_all)``.
+    """
+    if not columns:
+        raise ValueError("no neuron to pool")
+    parts = [ks_samples(col, labels, feature) for col, feature in columns]
+    a = np.concatenate([p[0] for p in parts])
+    b = np.concatenate([p[1] for p in parts])
+    res = sps.ks_2samp(a, b)
+    return float(res.statistic), float(res.pvalue), len(a), len(b)
+
+
 @dataclass(frozen=True)
 class FKRPoint:
     ratio: float
@@ -194,9 +224,12 @@ def fkr_curve(phi: Tensor, labels: np.ndarray, l_star: Tensor, ratios) -> list[F
 
 
 def sample_neurons(rng: np.random.Generator, scored: dict[int, np.ndarray], count: int) -> list[tuple[int, int]]:
-    """``count`` (layer, neuron) pairs drawn uniformly without replacement from the scored neurons."""
+    """``count`` (layer, neuron) pairs drawn uniformly without replacement from the scored neurons.
+
+    ``count`` 0 means every scored neuron (no draw, the generator is not used).
+    """
     pool = [(layer, int(j)) for layer in sorted(scored) for j in scored[layer]]
-    if not pool:
-        return []
+    if not pool or count == 0:
+        return pool
     pick = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
     return [pool[i] for i in sorted(pick)]
