@@ -4,8 +4,12 @@ Layout (DESIGN §7)::
 
     RUN/checkpoints/global_step<N>/   DeepSpeed's files (every rank writes its ZeRO shard)
                                       + config.yaml (the resolved run config, plain YAML)
+                                      + rng_state.rank<R>.pt (each rank's own generators)
+    RUN/checkpoints/global_step<N>_universal/   DeepSpeed's universal form of global_step<N>, made on
+                                      demand to resume on another data-parallel size
     RUN/checkpoints/latest            a text file naming the tag, replaced atomically only after
                                       every rank finished writing — a crash mid-save leaves it alone
+    RUN/checkpoints/preempted         the tag a stop request saved (megatron_l2e.stopping)
 
 The client state holds only tensors and plain Python values (step, consumed samples, the resolved
 config, all RNG states, ``extensions.<name>``) so ``torch.load(weights_only=True)`` reads it, and
@@ -18,6 +22,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +33,12 @@ import torch
 from megatron_l2e.config import CheckpointConfig
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
+UNIVERSAL_SUFFIX = "_universal"
+# Model keys that a checkpoint's weights or L2E state depend on: a resume must not change them.
+# (Dropout, attention kernel, activation checkpointing and init may change between allocations.)
+MODEL_KEYS_FIXED_BY_CHECKPOINT = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                                  "vocab_size", "seq_length", "rotary_pct", "rotary_emb_base",
+                                  "use_parallel_residual", "tie_word_embeddings", "hidden_act", "layer_norm_eps")
 
 
 class CheckpointError(Exception):
@@ -157,6 +169,8 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         path = self.dir / tag
+        # Every rank's own generators (CUDA ones differ per device; rank 0's client state has only its own).
+        torch.save(rng_state(), path / f"rng_state.rank{_rank()}.pt")
         if self.is_main:
             (path / "config.yaml").write_text(config_yaml)
         for name, state in (rank_extras or {}).items():
@@ -183,6 +197,7 @@ class Checkpointer:
         excess = len(prunable) - (self.cfg.keep_last - 1)
         for s in prunable[:max(excess, 0)]:
             shutil.rmtree(self.dir / tag_for(s), ignore_errors=True)
+            shutil.rmtree(self.dir / (tag_for(s) + UNIVERSAL_SUFFIX), ignore_errors=True)
 
     # -- resume -----------------------------------------------------------------------------
     def resolve(self, resume: str | None) -> Path | None:
@@ -205,34 +220,76 @@ class Checkpointer:
             return p
         raise CheckpointError(f"--resume {resume}: not a checkpoint (no 'latest' file and not a global_step<N> folder)")
 
-    def check_layout(self, path: Path, *, dp_world_size: int, zero_stage: int) -> None:
-        """Refuse (one line) a resume whose data-parallel size or ZeRO stage differs from the checkpoint's.
+    def check_layout(self, path: Path, *, dp_world_size: int, zero_stage: int, model: dict | None = None) -> bool:
+        """Check a resume against the checkpoint before any work; True when it needs resharding.
 
-        ZeRO stages ≥ 1 shard the optimizer state per data-parallel rank; DeepSpeed would either fail
-        deep inside or, worse, load shards into the wrong ranks. Runs before any process group exists.
+        A changed ZeRO stage, or a changed model architecture (``model``: this run's model section), is
+        refused in one line. A changed data-parallel size (16 GPUs → 8 after a node loss) is allowed:
+        the caller converts the checkpoint to DeepSpeed's universal form (:meth:`make_universal`).
+        Runs before any process group exists.
         """
+        if model is not None:
+            check_same_model(path, model)
         saved = saved_layout(path)
         if saved is None:
-            return
+            return False
         world, stage = saved
         if stage is not None and stage != zero_stage:
             raise CheckpointError(f"checkpoint {path} was written with distributed.zero_stage {stage}; this run "
                                   f"has {zero_stage} (resume with the same ZeRO stage)")
-        if world is not None and world != dp_world_size and max(stage or 0, zero_stage) >= 1:
-            raise CheckpointError(
-                f"checkpoint {path} was written by {world} data-parallel ranks; this run has {dp_world_size} "
-                f"(ZeRO shards do not reshard): resume on {world} GPUs in total, or export the weights "
-                f"(python -m megatron_l2e.export) and start a new run")
+        return world is not None and world != dp_world_size
 
-    def load(self, engine, path: Path) -> Resumed:
+    def make_universal(self, path: Path, *, is_main: bool) -> Path:
+        """DeepSpeed's universal checkpoint of ``path`` (``<tag>_universal`` beside it), made by rank 0 with
+        ``python -m deepspeed.checkpoint.ds_to_universal`` unless it exists; every rank waits for it.
+
+        Written into a temporary folder and renamed, so an interrupted conversion is redone, never used.
+        """
+        out = path.parent / (path.name + UNIVERSAL_SUFFIX)
+        error = ""
+        if is_main and not out.is_dir():
+            tmp = path.parent / f".{out.name}.tmp.{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+                   "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            if "universal_checkpoint_info" not in _client_keys(path):   # written before we stored it
+                cmd.append("--inject_missing_state")
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                last = (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()[-1]
+                error = f"checkpoint {path}: DeepSpeed's universal conversion failed ({last})"
+            else:
+                for f in ("config.yaml",):
+                    shutil.copy2(path / f, tmp / f)
+                os.replace(tmp, out)
+        error = _broadcast(error)
+        if error:
+            raise CheckpointError(error)
+        return out
+
+    def load(self, engine, path: Path, *, universal: Path | None = None) -> Resumed:
+        """Load ``path`` (or its universal form ``universal``, for another data-parallel size).
+
+        Each rank restores its own generators (``rng_state.rank<R>.pt``) when the checkpoint was written
+        by as many ranks; otherwise (resharded, or an older checkpoint) rank 0's from the client state.
+        """
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {path} does not exist")
         _allow_deepspeed_globals()
         _install_weights_only_loader(engine)
-        load_path, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+        src = universal or path
+        groups = getattr(engine.optimizer, "param_groups", None) or []
+        hyper = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+        load_path, client = engine.load_checkpoint(str(src.parent), tag=src.name)
         if load_path is None:
-            raise CheckpointError(f"checkpoint {path} could not be loaded by DeepSpeed")
-        set_rng_state(client["rng"])
+            raise CheckpointError(f"checkpoint {src} could not be loaded by DeepSpeed")
+        if universal is not None:
+            _repair_universal_load(engine, groups, hyper)
+        if universal is not None:       # the universal folder keeps no client state: read the original's
+            client = read_client_state(path)
+        own = path / f"rng_state.rank{_rank()}.pt"
+        set_rng_state(torch.load(own, weights_only=True) if universal is None and own.is_file() else client["rng"])
         return Resumed(step=int(client["step"]), consumed_samples=int(client["consumed_samples"]),
                        client_state=client, path=path)
 
@@ -244,7 +301,9 @@ def client_state(*, step: int, consumed_samples: int, config: dict, extensions: 
     ``dp_world_size``: the data-parallel size that wrote the ZeRO shards (compared on resume).
     """
     state = {"step": step, "consumed_samples": consumed_samples, "config": config,
-             "rng": rng_state(), "extensions": extensions}
+             "rng": rng_state(), "extensions": extensions,
+             # what DeepSpeed's ds_to_universal requires to reshard this checkpoint later
+             "universal_checkpoint_info": {"universal_checkpoint_version": _universal_version()}}
     if dp_world_size is not None:
         state["dp_world_size"] = dp_world_size
     return state
@@ -262,21 +321,92 @@ def saved_layout(path: Path) -> tuple[int | None, int | None] | None:
     None when the folder holds no DeepSpeed files.
     """
     path = Path(path)
-    states = [f for f in (path / "mp_rank_00_model_states.pt", path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-              if f.is_file()]
-    if not states:
+    if _state_file(path) is None:
         return None
-    _allow_deepspeed_globals()
-    try:
-        sd = torch.load(states[0], map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged file is reported by the loader proper
-        raise CheckpointError(f"checkpoint {path}: {states[0].name} is unreadable ({type(exc).__name__})") from None
+    sd = read_client_state(path)
     world = sd.get("dp_world_size")
     if world is None:
         shards = [f for f in path.iterdir() if _SHARD_RE.match(f.name)]
         world = len(shards) or None
     stage = (sd.get("config") or {}).get("distributed", {}).get("zero_stage")
     return (None if world is None else int(world)), (None if stage is None else int(stage))
+
+
+def _repair_universal_load(engine, groups: list[dict], hyper: list[dict]) -> None:
+    """Undo two things DeepSpeed 0.19.8's ZeRO-3 universal load gets wrong (found by comparing a universal
+    load with a plain load of the same checkpoint, step by step):
+
+    * it copies parameter group 0's hyperparameters into every group (biases and LayerNorm weights
+      would take weight decay): put each group's own back;
+    * it gives every group's optimizer state the SAME ``step`` tensor, which AdamW increments in place,
+      so the second group's bias correction runs one step ahead per group: give each state its own.
+    """
+    for g, h in zip(groups, hyper):
+        g.update(h)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    seen: set[int] = set()
+    for state in getattr(inner, "state", {}).values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                if id(v) in seen:
+                    state[k] = v.clone()
+                seen.add(id(state[k]))
+
+
+def _universal_version() -> float:
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+    return UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+
+def _state_file(path: Path) -> Path | None:
+    for f in (path / "mp_rank_00_model_states.pt", path / "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if f.is_file():
+            return f
+    return None
+
+
+def read_client_state(path: Path) -> dict:
+    """Rank 0's model-states file of a checkpoint (client state included), memory-mapped, weights-only."""
+    f = _state_file(path)
+    if f is None:
+        raise CheckpointError(f"checkpoint {path}: no DeepSpeed model-states file (incomplete checkpoint?)")
+    _allow_deepspeed_globals()
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - one line for a damaged file
+        raise CheckpointError(f"checkpoint {path}: {f.name} is unreadable ({type(exc).__name__})") from None
+
+
+def _client_keys(path: Path) -> set[str]:
+    return set(read_client_state(path))
+
+
+def check_same_model(path: Path, model: dict) -> None:
+    """One line naming every architecture key whose value differs between the checkpoint and this run."""
+    import yaml
+
+    f = path / "config.yaml"
+    try:
+        saved = (yaml.safe_load(f.read_text()) or {}).get("model", {}) if f.is_file() else \
+            (read_client_state(path).get("config") or {}).get("model", {})
+    except (OSError, yaml.YAMLError):
+        return                                      # unreadable config: DeepSpeed's load reports it
+    diffs = [f"model.{k} {saved[k]!r} in the checkpoint, {model.get(k)!r} in this run"
+             for k in MODEL_KEYS_FIXED_BY_CHECKPOINT if k in saved and saved[k] != model.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} holds another model: {'; '.join(diffs)} (resume with the "
+                              f"checkpoint's model section, or start a new run in another output.dir)")
+
+
+def _broadcast(obj):
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _rank() -> int:

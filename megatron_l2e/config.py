@@ -179,6 +179,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     fp16: Fp16Config = field(default_factory=Fp16Config)
     deterministic: bool = False               # torch.use_deterministic_algorithms (GPU resume bit-identity)
+    # Stop (checkpoint, exit 75) before this much time has passed since start, "HH:MM:SS" (or Slurm's
+    # "D-HH:MM:SS"; an integer is seconds — YAML 1.1 reads an unquoted 24:00:00 as 86400 anyway);
+    # null: no limit, except under Slurm, where the allocation's end minus a margin counts.
+    walltime: str | int | None = None
 
     def validate(self):
         e = []
@@ -191,6 +195,13 @@ class TrainConfig:
                                            f"micro_batch_size {self.micro_batch_size}"))
         if self.seed < 0:
             e.append(("seed", f"must be ≥ 0, got {self.seed}"))
+        if self.walltime is not None:
+            from megatron_l2e.stopping import parse_walltime
+            try:
+                if parse_walltime(self.walltime) <= 0:
+                    e.append(("walltime", f"must be > 0, got {self.walltime!r}"))
+            except ValueError as exc:
+                e.append(("walltime", str(exc)))
         return e
 
 
@@ -200,6 +211,9 @@ class CheckpointConfig:
     extra_steps: list[int] = field(default_factory=list)   # Pythia's log-spaced extra saves; never pruned
     keep_last: int | None = None              # keep the last k interval checkpoints (null = all)
     save_final: bool = True
+    # output.dir is on node-local storage: each node's ranks check and resume among themselves (its
+    # lowest rank writes `latest` there too); the user copies the shards together before another layout
+    node_local: bool = False
 
     def validate(self):
         e = []

@@ -150,8 +150,11 @@ def lr_at(step: int, cfg: Config) -> float:
     return min_lr + (lr - min_lr) * 0.5 * (math.cos(math.pi * frac) + 1.0)
 
 
-def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
-    """The DeepSpeed JSON config of a run (Pythia's ZeRO and fp16 settings)."""
+def deepspeed_config(cfg: Config, layout: BatchLayout, *, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config of a run (Pythia's ZeRO and fp16 settings).
+
+    ``load_universal``: the resume reads a universal checkpoint (another data-parallel size); DeepSpeed
+    must know before ``deepspeed.initialize``."""
     ds = {
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
@@ -170,6 +173,8 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
             "contiguous_gradients": True,
         },
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     p = cfg.train.precision
     if p == "fp16":
         f = cfg.train.fp16
@@ -198,7 +203,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
                              fused=device.type == "cuda")
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo, layout: BatchLayout):
+def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo, layout: BatchLayout, *,
+                 load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine with AdamW and Pythia's schedule."""
     import deepspeed
 
@@ -212,7 +218,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, dist: DistInfo, layout: Ba
         optimizer, lambda s: lr_at(s, cfg) / base_lr if base_lr > 0 else 0.0)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, layout), dist_init_required=False)
+        config=deepspeed_config(cfg, layout, load_universal=load_universal), dist_init_required=False)
     return engine, optimizer, scheduler
 
 
@@ -267,6 +273,79 @@ def check_same_config(resolved: dict) -> None:
                 f"the resolved config differs between ranks: rank {r} has {key} = "
                 f"{_lookup(other, key)!r}, rank 0 has {_lookup(gathered[0], key)!r}; launch every rank "
                 f"with the same --config files and --set overrides")
+
+
+def _node_key() -> str:
+    """Which node this rank runs on: torchrun's GROUP_RANK, Slurm's SLURM_NODEID, else the host name."""
+    for var in ("GROUP_RANK", "SLURM_NODEID"):
+        if os.environ.get(var, "").strip():
+            return f"{var}={os.environ[var]}"
+    return socket.gethostname()
+
+
+def _ranges(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+
+
+def check_shared_output_dir(run_dir, node_local: bool = False) -> bool:
+    """Every rank must see the files rank 0 writes into ``output.dir`` (or, ``node_local``, those of its
+    node's lowest rank). Returns whether this rank writes ``latest`` and the checkpoint's config: rank 0,
+    or each node's lowest rank with ``node_local``. Fails in seconds, naming a rank that cannot see it.
+    """
+    import secrets
+
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return True
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    mine = (_node_key() if node_local else "all", secrets.token_hex(8))
+    infos: list = [None] * world
+    tdist.all_gather_object(infos, mine)
+    writer = min(r for r in range(world) if infos[r][0] == mine[0])
+    probe = os.path.join(os.fspath(run_dir), f".shared-check.{writer}")
+    if rank == writer:
+        with open(probe, "w") as f:
+            f.write(mine[1])
+    tdist.barrier()
+    try:
+        with open(probe) as f:
+            seen = f.read() == infos[writer][1]
+    except OSError:
+        seen = False
+    verdicts: list = [None] * world
+    tdist.all_gather_object(verdicts, seen)
+    if rank == writer:
+        try:
+            os.remove(probe)
+        except OSError:
+            pass
+    blind = [r for r, ok in enumerate(verdicts) if not ok]
+    if blind:
+        where = "its node's lowest rank" if node_local else "rank 0"
+        raise LaunchError(
+            f"output.dir {run_dir} is not shared between ranks ({_ranges(blind)} cannot see the files {where} "
+            f"writes there): put output.dir on a shared file system, or set checkpoint.node_local: true")
+    return rank == writer
+
+
+def agree_on_resume(path) -> None:
+    """Every rank must resume from the same checkpoint (or none): one all-gather of what each resolved.
+    A disagreement (node-local copies, a stale ``latest``, different --resume arguments) fails at once
+    on every rank with one line naming the ranks and what each saw."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return
+    seen: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(seen, None if path is None else os.path.abspath(os.fspath(path)))
+    if len(set(seen)) > 1:
+        groups: dict = {}
+        for r, p in enumerate(seen):
+            groups.setdefault(p, []).append(r)
+        told = "; ".join(f"{_ranges(rs)}: {p or 'no checkpoint (start at step 0)'}" for p, rs in groups.items())
+        raise LaunchError(f"the ranks resolved different checkpoints to resume from — {told}; make every rank "
+                          f"see the same output.dir (or pass the same --resume PATH)")
 
 
 def _lookup(d: dict, dotted: str):

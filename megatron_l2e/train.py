@@ -214,41 +214,49 @@ def prepare_data(cfg: Config, dist):
                                      vocab_size=cfg.model.vocab_size, iters=cfg.train.iters, seed=cfg.train.seed)
 
 
-def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = None) -> int:
+def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = None,
+          started: float | None = None) -> int:
+    """The run: 0 when it reached ``train.iters`` (or ``--exit-after-steps``), 75 when a stop request
+    (signal, time limit) ended it early with a checkpoint of the step it stopped at."""
     from megatron_l2e import engine as eng
-    from megatron_l2e.checkpoint import Checkpointer, client_state
+    from megatron_l2e.checkpoint import Checkpointer, client_state, tag_for
     from megatron_l2e.metrics import MetricsLogger
     from megatron_l2e.model import build_model, enable_activation_checkpointing
+    from megatron_l2e.stopping import EX_TEMPFAIL, StopRequests, clear_marker, write_marker
 
     run_dir = check_output_dir(cfg.output.dir)
-    ckpt_probe = Checkpointer(cfg.checkpoint, run_dir, train_iters=cfg.train.iters, is_main=True)
-    resume_path = ckpt_probe.resolve(resume)          # a bad --resume fails before any work
-    if resume_path is not None:                       # same data-parallel size and ZeRO stage, or refuse
-        ckpt_probe.check_layout(resume_path, dp_world_size=eng.launch_env()[1],
-                                zero_stage=cfg.distributed.zero_stage)
+    ckpt = Checkpointer(cfg.checkpoint, run_dir, train_iters=cfg.train.iters, is_main=True)
+    resume_path = ckpt.resolve(resume)                # a bad --resume fails before any work
+    reshard = resume_path is not None and ckpt.check_layout(  # same ZeRO stage and model, or refuse
+        resume_path, dp_world_size=eng.launch_env()[1], zero_stage=cfg.distributed.zero_stage,
+        model=cfg.to_dict()["model"])
     dist = eng.init_distributed(cfg)
     eng.check_same_config(cfg.to_dict())              # every rank resolved the same run, or none trains
+    ckpt.is_main = eng.check_shared_output_dir(run_dir, node_local=cfg.checkpoint.node_local)
+    eng.agree_on_resume(resume_path)                  # ... and the same checkpoint
     layout = eng.BatchLayout(cfg.train.global_batch_size, cfg.train.micro_batch_size, dist.world_size)
     layout.check()
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS GEMMs need it
         torch.use_deterministic_algorithms(True)
     data = prepare_data(cfg, dist)
+    universal = ckpt.make_universal(resume_path, is_main=ckpt.is_main) if reshard else None
 
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
     if cfg.model.checkpoint_activations:
         enable_activation_checkpointing(model)
     l2e = attach_l2e(model, cfg, layout)
-    engine, _, _ = eng.build_engine(model, cfg, dist, layout)
-    ckpt = Checkpointer(cfg.checkpoint, run_dir, train_iters=cfg.train.iters, is_main=dist.is_main)
+    engine, _, _ = eng.build_engine(model, cfg, dist, layout, load_universal=universal is not None)
 
     start = 0
     if resume_path is not None:
-        resumed = ckpt.load(engine, resume_path)
+        resumed = ckpt.load(engine, resume_path, universal=universal)
         start = resumed.step
         if l2e is not None and "l2e" in resumed.client_state.get("extensions", {}):
             l2e.load_state_dict(resumed.client_state["extensions"]["l2e"])
+    if ckpt.is_main:
+        clear_marker(ckpt.dir)                        # a marker names the stop of THIS run, or none
     config_yaml = cfg.to_yaml()
     if dist.is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
@@ -256,49 +264,72 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
         where = f"resuming from {resume_path} at step {start}" if resume_path else "starting at step 0"
         print(f"[megatron-l2e] {where}; world size {dist.world_size} ({dist.backend}); {layout.describe()}",
               flush=True)
+        if universal is not None:
+            print(f"[megatron-l2e] resharded {resume_path.name} from {resumed.client_state.get('dp_world_size')} "
+                  f"to {dist.world_size} data-parallel ranks through DeepSpeed's universal checkpoint "
+                  f"{universal}", flush=True)
     logger = MetricsLogger(cfg.logging, run_dir, total_steps=cfg.train.iters, start_step=start,
                            active=dist.is_main, config=cfg.to_dict())
-
     dump_l2e = l2e is not None and os.environ.get(DUMP_L2E_ENV, "") not in ("", "0")
+    stop = StopRequests.install(cfg.train.walltime, start=started)
 
     def save(step: int) -> None:
+        t0 = time.perf_counter()
         ext = {"l2e": l2e.state_dict()} if l2e is not None else {}
         state = client_state(step=step, consumed_samples=step * layout.global_batch_size,
                              config=cfg.to_dict(), extensions=ext, dp_world_size=dist.world_size)
         ckpt.save(engine, step, state, config_yaml, rank_extras={"l2e_state": ext["l2e"]} if dump_l2e else None)
+        stop.saved(time.perf_counter() - t0)
+        logger.log(step, {"checkpoint_seconds": time.perf_counter() - t0})
 
     if start == 0 and ckpt.should_save(0):
         save(0)
     tokens_per_step = layout.global_batch_size * cfg.model.seq_length
-    step = start
-    for step in range(start + 1, cfg.train.iters + 1):        # `step` = updates completed after it
-        log_now = step % cfg.logging.interval == 0 or step in (1, cfg.train.iters)
-        if l2e is not None:
-            l2e.set_measure_grad_ratio(log_now)
-        lr = engine.get_lr()[0]                                # the lr this update uses
-        inject_fault(step, dist.rank)
-        r = train_step(engine, data, l2e, step - 1, layout, dist)
-        logger.advance()
-        if log_now:
-            logger.log(step, step_metrics(r, lr, tokens_per_step, l2e))
-        if cfg.validation.interval and step % cfg.validation.interval == 0:
-            vl = validation_loss(engine, data, cfg, layout, dist)
-            if vl is not None:
-                logger.log(step, {"val_loss": vl})
-        if cfg.eval.interval and step % cfg.eval.interval == 0:
-            scores = lm_eval_in_training(engine, cfg, dist)
-            if scores:
-                logger.log(step, scores)
-        stop = exit_after is not None and step - start >= exit_after
-        if ckpt.should_save(step) or (stop and step < cfg.train.iters):
-            save(step)
-        if stop:
-            break
+    step, status = start, 0
+    try:
+        for step in range(start + 1, cfg.train.iters + 1):        # `step` = updates completed after it
+            log_now = step % cfg.logging.interval == 0 or step in (1, cfg.train.iters)
+            if l2e is not None:
+                l2e.set_measure_grad_ratio(log_now)
+            lr = engine.get_lr()[0]                                # the lr this update uses
+            inject_fault(step, dist.rank)
+            inject_signal(step, dist.rank)
+            stop.step_started()
+            r = train_step(engine, data, l2e, step - 1, layout, dist)
+            stop.step_finished()
+            logger.advance()
+            if log_now:
+                logger.log(step, step_metrics(r, lr, tokens_per_step, l2e))
+            if cfg.validation.interval and step % cfg.validation.interval == 0:
+                vl = validation_loss(engine, data, cfg, layout, dist)
+                if vl is not None:
+                    logger.log(step, {"val_loss": vl})
+            if cfg.eval.interval and step % cfg.eval.interval == 0:
+                scores = lm_eval_in_training(engine, cfg, dist)
+                if scores:
+                    logger.log(step, scores)
+            stopped = stop.agreed(dist.device) if step < cfg.train.iters else None   # same on every rank
+            leave = stopped or (exit_after is not None and step - start >= exit_after)
+            if ckpt.should_save(step) or (leave and step < cfg.train.iters):
+                save(step)
+            if stopped:
+                status = EX_TEMPFAIL
+                if ckpt.is_main:
+                    write_marker(ckpt.dir, tag_for(step))
+                eng.barrier()                                      # every rank leaves after the marker
+                if dist.is_main:
+                    print(f"[megatron-l2e] stop request ({stopped}) at step {step}", flush=True)
+                    print(f"preempted at step {step}: saved {ckpt.dir / tag_for(step)}; continue with --resume auto",
+                          flush=True)
+            if leave:
+                break
+    finally:
+        stop.uninstall()
     logger.close()
-    if dist.is_main:
+    if dist.is_main and status == 0:
         print(f"[megatron-l2e] done at step {step}; run folder {run_dir}", flush=True)
     eng.shutdown()
-    return 0
+    return status
 
 
 # Debugging / testing hooks, read from the environment (documented in docs/distributed.md):
@@ -306,8 +337,11 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
 #                                 (global_step<N>/l2e_state.rank<R>.pt), to compare ranks.
 # MEGATRON_L2E_FAULT=RANK:STEP    rank RANK raises at the start of step STEP (1-based), to test that a
 #                                 crash on one rank ends the whole job and leaves `latest` complete.
+# MEGATRON_L2E_SIGNAL=RANK:STEP:SIG  rank RANK sends itself the real signal SIG (e.g. SIGTERM) at the
+#                                 start of step STEP: a preemption that lands on one rank, on cue.
 DUMP_L2E_ENV = "MEGATRON_L2E_DUMP_L2E_STATE"
 FAULT_ENV = "MEGATRON_L2E_FAULT"
+SIGNAL_ENV = "MEGATRON_L2E_SIGNAL"
 
 
 class InjectedFault(RuntimeError):
@@ -321,6 +355,17 @@ def inject_fault(step: int, rank: int) -> None:
     r, _, s = spec.partition(":")
     if int(r) == rank and int(s) == step:
         raise InjectedFault(f"fault injected on rank {rank} at step {step} ({FAULT_ENV}={spec})")
+
+
+def inject_signal(step: int, rank: int) -> None:
+    spec = os.environ.get(SIGNAL_ENV)
+    if not spec:
+        return
+    r, s, name = spec.split(":")
+    if int(r) == rank and int(s) == step:
+        import signal
+
+        os.kill(os.getpid(), getattr(signal, name))
 
 
 def lm_eval_in_training(engine, cfg: Config, dist) -> dict[str, float]:
@@ -366,6 +411,16 @@ def _rank_prefix() -> str:
     return f"[rank {rank}/{world}] " if world and world != "1" and rank is not None else ""
 
 
+def _process_start() -> float:
+    """When this process started (Unix seconds): train.walltime counts from there, imports included."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - psutil comes with DeepSpeed; without it, now is close enough
+        return time.time()
+
+
 def _record(fn):
     """torchrun's error recorder: the failing rank's traceback lands in torchrun's failure summary."""
     try:
@@ -383,11 +438,15 @@ def main(argv=None) -> int:
         if args.dry_run:
             print(dry_run_report(cfg))
             return 0
-        return train(cfg, resume=args.resume, exit_after=args.exit_after_steps)
+        return train(cfg, resume=args.resume, exit_after=args.exit_after_steps, started=_process_start())
     except _user_errors() as exc:
         for line in str(exc).splitlines():
             print(f"error: {_rank_prefix()}{line}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:           # a second SIGINT: no save; `latest` names the last complete one
+        print(f"error: {_rank_prefix()}aborted by a second SIGINT without saving; --resume auto continues from "
+              f"the checkpoint `latest` names", file=sys.stderr, flush=True)
+        return 130
     except BaseException as exc:
         if _rank_prefix() and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
             # One line naming the rank (Python's traceback follows), for launchers that interleave every

@@ -7,7 +7,11 @@
   scripts/launch_torchrun.sh): train, checkpoint, a rank killed mid-run (MEGATRON_L2E_FAULT) ends the job
   non-zero with its error shown and `latest` on a complete checkpoint, resume — bit-identical to the
   uninterrupted run;
-* a resume on a different data-parallel size, and ranks with different configs, are refused.
+* ranks with different configs, ranks that resolve different checkpoints, and ranks that do not share
+  output.dir are refused within seconds, each with one line;
+* a stop signal that reaches one rank saves the step in flight on both (same tag, the `preempted` marker);
+* a resume on another data-parallel size reshards through DeepSpeed's universal checkpoints (2 → 1, 1 → 2
+  at ZeRO 1; 2 → 1 at ZeRO 3; ZeRO 2: slow).
 """
 
 import json
@@ -15,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -191,13 +196,99 @@ def test_two_nodes_on_loopback_crash_then_resume(runs):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_resume_on_another_world_size_is_refused(runs):
-    p = train_1rank(runs["cfgs"]["2r_z1"], "--resume", "auto", check=False)
-    assert p.returncode == 2
-    (line,) = p.stderr.strip().splitlines()
-    assert line.startswith("error: checkpoint ") and "written by 2 data-parallel ranks; this run has 1" in line
-    p = train_1rank(runs["cfgs"]["2r_z1"], "--resume", "auto", "--set", "distributed.zero_stage=3", check=False)
-    assert p.returncode == 2 and "written with distributed.zero_stage 1; this run has 3" in p.stderr
+def two_nodes(cfg: Path, args: list[list[str]], *, cwds=(ROOT, ROOT), env=None, timeout=240):
+    """One torchrun per simulated node (1 process each); ``args[r]``/``cwds[r]``: node r's own."""
+    port = str(free_port())
+    t0 = time.time()
+    procs = [subprocess.Popen(
+        [*TORCHRUN, "--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+         "--master-port", port, "-m", "megatron_l2e.train", "--config", str(cfg), *args[r]],
+        cwd=cwds[r], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV, **(env or {})})
+        for r in (0, 1)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)], time.time() - t0
+
+
+def _error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("error: ")]
+
+
+def test_ranks_that_resolve_different_checkpoints_stop_within_seconds(runs):
+    ck = runs["2r_z1"] / "checkpoints"
+    res, took = two_nodes(runs["cfgs"]["2r_z1"], [["--resume", str(ck / f"global_step{s}"), "--set",
+                                                   f"output.dir={runs['root']}/disagree"] for s in (4, 8)])
+    for r, (rc, _, err) in enumerate(res):
+        assert rc != 0
+        (line,) = _error_lines(err)
+        assert line == (f"error: [rank {r}/2] the ranks resolved different checkpoints to resume from — rank 0: "
+                        f"{ck / 'global_step4'}; rank 1: {ck / 'global_step8'}; make every rank see the same "
+                        f"output.dir (or pass the same --resume PATH)"), err[-3000:]
+    assert took <= 60, took                              # start-up of two processes included; seconds, not 30 min
+
+
+def test_output_dir_that_is_not_shared_stops_within_seconds(runs, tmp_path):
+    """Two 'nodes' with their own working directory and a relative output.dir: rank 1 cannot see rank 0's."""
+    cfg = tmp_path / "rel.yml"
+    cfg.write_text(runs["cfgs"]["2r_z1"].read_text().replace(str(runs["2r_z1"]), "rel-run"))
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for c in cwds:
+        c.mkdir()
+    res, took = two_nodes(cfg, [[], []], cwds=cwds)
+    for r, (rc, _, err) in enumerate(res):
+        assert rc != 0
+        (line,) = _error_lines(err)
+        assert line == (f"error: [rank {r}/2] output.dir rel-run is not shared between ranks (rank 1 cannot see the "
+                        f"files rank 0 writes there): put output.dir on a shared file system, or set "
+                        f"checkpoint.node_local: true"), err[-3000:]
+    assert took <= 60, took
+    assert not (cwds[0] / "rel-run/checkpoints").exists()
+
+
+def test_stop_signal_on_one_rank_saves_the_step_in_flight_on_both(runs):
+    """SIGTERM reaches rank 1 alone, at the start of step 5: both ranks finish step 5 and save global_step5
+    (every shard, each rank's generators), rank 0 writes the marker; the resume is exact."""
+    cfg = runs["root"] / "sig.yml"
+    cfg.write_text(runs["cfgs"]["2r_z1"].read_text().replace(str(runs["2r_z1"]), str(runs["root"] / "sig")))
+    p = train_2rank(cfg, env={"MEGATRON_L2E_SIGNAL": "1:5:SIGTERM"}, check=False)
+    assert p.returncode != 0                                          # torchrun reports exit 75 as a failure
+    run = runs["root"] / "sig/checkpoints"
+    assert (run / "preempted").read_text().strip() == (run / "latest").read_text().strip() == "global_step5"
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} | \
+        {f"rng_state.rank{r}.pt" for r in (0, 1)} <= {f.name for f in (run / "global_step5").iterdir()}
+    assert f"preempted at step 5: saved {run / 'global_step5'}; continue with --resume auto" in p.stdout
+    assert "exitcode  : 75" in p.stderr or "exit code 75" in p.stderr or "75" in p.stderr
+    train_2rank(cfg, "--resume", "auto")
+    assert losses(runs["root"] / "sig") == losses(runs["2r_z1"])      # exact
+    assert not (run / "preempted").exists()
+    assert_l2e_close(rank_l2e(run / "global_step8", 0), rank_l2e(runs["2r_z1"] / "checkpoints/global_step8", 0),
+                     exact=True)
+
+
+def _resharded(runs, src: str, name: str, launcher, *extra) -> dict[int, float]:
+    ckpt = runs[src] / "checkpoints/global_step4"
+    p = launcher(runs["cfgs"][src], "--resume", str(ckpt), "--set", f"output.dir={runs['root'] / name}", *extra)
+    world_from = client(ckpt)["dp_world_size"]
+    world_to = 2 if launcher is train_2rank else 1
+    assert (f"resharded global_step4 from {world_from} to {world_to} data-parallel ranks through DeepSpeed's "
+            f"universal checkpoint {ckpt}_universal") in p.stdout, p.stdout[-3000:]
+    assert "at step 4" in p.stdout
+    return losses(runs["root"] / name)
+
+
+@pytest.mark.parametrize("src, launcher, ref", [("2r_z1", "1", "2r_z1"), ("1r_mb8_z1", "2", "2r_z1"),
+                                                ("2r_z3", "1", "2r_z3")], ids=["z1-2to1", "z1-1to2", "z3-2to1"])
+def test_resume_on_another_data_parallel_size_reshards(runs, src, launcher, ref):
+    """16 GPUs → 8 after a node loss, in small: the losses of steps 5–8 follow the uninterrupted run's."""
+    name = f"reshard-{src}-{launcher}"
+    extra = ["--set", "train.micro_batch_size=4"] if launcher == "2" else []
+    got = _resharded(runs, src, name, train_2rank if launcher == "2" else train_1rank, *extra)
+    want = losses(runs[ref])
+    assert sorted(got) == [5, 6, 7, 8]
+    for s in got:
+        assert got[s] == pytest.approx(want[s], rel=1e-4), (s, got[s], want[s])
+    end = runs["root"] / name / "checkpoints/global_step8"
+    assert_l2e_close(client(end)["extensions"]["l2e"], client(runs[ref] / "checkpoints/global_step8")["extensions"]["l2e"],
+                     exact=False)
 
 
 def test_ranks_with_different_configs_refuse_to_train(runs):
@@ -224,3 +315,6 @@ def test_zero2_matches(runs, tiny_data):
     assert all(got[s] == pytest.approx(ref[s], rel=2e-5) for s in ref)
     ckpt = runs["root"] / "2r_z2/checkpoints/global_step8"
     assert_l2e_close(rank_l2e(ckpt, 0), rank_l2e(ckpt, 1), exact=True)
+    runs["cfgs"]["2r_z2"], runs["2r_z2"] = cfg, runs["root"] / "2r_z2"      # ZeRO 2, 2 → 1 ranks
+    got, want = _resharded(runs, "2r_z2", "reshard-z2", train_1rank), losses(runs["2r_z2"])
+    assert sorted(got) == [5, 6, 7, 8] and all(got[s] == pytest.approx(want[s], rel=1e-4) for s in got)

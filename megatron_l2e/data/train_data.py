@@ -49,8 +49,13 @@ class RowSpan:
 class TrainData:
     """Training rows in step order, plus optional held-out rows for validation loss."""
 
-    def __init__(self, train: RowSource, global_batch_size: int, valid: RowSource | None = None):
+    def __init__(self, train: RowSource, global_batch_size: int, valid: RowSource | None = None,
+                 vocab_size: int | None = None):
         self.train, self.valid, self.global_batch_size = train, valid, global_batch_size
+        # Every row handed out is checked against the vocabulary (one max over the share each step):
+        # the start-up sample (data.check_tokens) cannot see every row, and an id ≥ vocab would end the
+        # run mid-step in an IndexError — on a GPU in a device-side assert that kills the whole job.
+        self.vocab_size = vocab_size
         self.steps_available = train.num_rows // global_batch_size
         self._share_key: tuple[int, int, int, int] | None = None   # (step, rank, world, mbs) read last
         self._share_chunks: tuple[torch.Tensor, ...] = ()          # its micro-batches, views of one block
@@ -87,7 +92,10 @@ class TrainData:
             share = self.global_batch_size // dp_world
             start = step * self.global_batch_size + dp_rank * share
             # [share, seq_length+1] int64, split into share/mbs row views in one call
-            self._share_chunks = self.train.rows(start, start + share).split(micro_batch_size)
+            block = self.train.rows(start, start + share)
+            if self.vocab_size is not None:
+                self._check_ids(block, start, step, dp_rank)
+            self._share_chunks = block.split(micro_batch_size)
             self._share_key = key
         chunks = self._share_chunks
         if not 0 <= micro_index < len(chunks):
@@ -95,6 +103,17 @@ class TrainData:
         if micro_index == len(chunks) - 1:   # last micro-batch handed out: keep nothing between steps
             self._share_key, self._share_chunks = None, ()
         return chunks[micro_index]
+
+    def _check_ids(self, block: torch.Tensor, first_row: int, step: int, dp_rank: int) -> None:
+        top = int(block.max())
+        if top < self.vocab_size:
+            return
+        bad = int((block >= self.vocab_size).any(dim=1).nonzero()[0])
+        row, tok = first_row + bad, int(block[bad].max())
+        name = getattr(self.train, "bin_path", None) or getattr(self.train, "name", "the training data")
+        raise DataError(f"{name}: row {row} (step {step + 1}, data-parallel rank {dp_rank}) holds token id {tok}, "
+                        f"≥ model.vocab_size {self.vocab_size}: re-tokenize with the model's tokenizer, or raise "
+                        f"model.vocab_size")
 
     def valid_micro_batch(self, index: int, micro_batch_size: int, dp_rank: int,
                           dp_world: int) -> torch.Tensor | None:
@@ -132,7 +151,8 @@ def build_train_data(cfg: DataConfig, *, seq_length: int, global_batch_size: int
                                                      valid_samples=valid_samples)
         train_docs = DocumentRows(train_ds, seq_length)
         check_steps(train_docs.num_rows, global_batch_size, iters, (list(cfg.paths) or [cfg.path])[0] + ".bin")
-        return TrainData(train_docs, global_batch_size, DocumentRows(valid_ds, seq_length) if valid_ds else None)
+        return TrainData(train_docs, global_batch_size, DocumentRows(valid_ds, seq_length) if valid_ds else None,
+                         vocab_size=vocab_size)
     path, valid_path = cfg.path, cfg.valid_path
     if cfg.smoke:
         from megatron_l2e.data.smoke import build_smoke_data
@@ -147,7 +167,7 @@ def build_train_data(cfg: DataConfig, *, seq_length: int, global_batch_size: int
     else:
         used = iters * global_batch_size
         valid = RowSpan(train, used, train.num_rows - used) if train.num_rows > used else None
-    return TrainData(train, global_batch_size, valid)
+    return TrainData(train, global_batch_size, valid, vocab_size=vocab_size)
 
 
 def check_steps(num_rows: int, global_batch_size: int, iters: int, name: str) -> None:
