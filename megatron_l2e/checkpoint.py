@@ -10,6 +10,9 @@ Layout (DESIGN §7)::
     RUN/checkpoints/latest            a text file naming the tag, replaced atomically only after
                                       every rank finished writing — a crash mid-save leaves it alone
     RUN/checkpoints/preempted         the tag a stop request saved (megatron_l2e.stopping)
+    RUN/checkpoints/hf_step<N>/       Pythia's log-spaced extra steps: weights only, a Hugging Face
+                                      folder of the fp32 master weights (never pruned, never resumed
+                                      from; written under a temporary name, then renamed)
 
 The client state holds only tensors and plain Python values (step, consumed samples, the resolved
 config, all RNG states, ``extensions.<name>``) so ``torch.load(weights_only=True)`` reads it, and
@@ -18,6 +21,7 @@ DeepSpeed's own files are read back through a weights-only checkpoint engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -39,6 +43,7 @@ UNIVERSAL_SUFFIX = "_universal"
 MODEL_KEYS_FIXED_BY_CHECKPOINT = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size",
                                   "vocab_size", "seq_length", "rotary_pct", "rotary_emb_base",
                                   "use_parallel_residual", "tie_word_embeddings", "hidden_act", "layer_norm_eps")
+WEIGHTS_TAG_RE = re.compile(r"^hf_step(\d+)$")     # weights-only extra steps (not matched by TAG_RE)
 
 
 class CheckpointError(Exception):
@@ -52,6 +57,11 @@ def tag_for(step: int) -> str:
 def step_of(tag: str) -> int | None:
     m = TAG_RE.match(tag)
     return int(m.group(1)) if m else None
+
+
+def weights_tag_for(step: int) -> str:
+    """The folder of a weights-only save (a Hugging Face model folder)."""
+    return f"hf_step{step}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,6 +134,28 @@ def _allow_deepspeed_globals() -> None:
     torch.serialization.add_safe_globals(allowed)
 
 
+@contextlib.contextmanager
+def weights_only_torch_load():
+    """Make DeepSpeed's offline utilities (``deepspeed.utils.zero_to_fp32``, which hard-code
+    ``torch.load(weights_only=False)``) read the checkpoint with ``weights_only=True`` while they run.
+
+    ``torch.load`` is swapped process-wide for the duration: use it in single-purpose processes
+    (export), not around concurrent work.
+    """
+    _allow_deepspeed_globals()
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
 # ----------------------------------------------------------------------------------------------
 # The checkpointer
 # ----------------------------------------------------------------------------------------------
@@ -154,6 +186,16 @@ class Checkpointer:
         if self.cfg.interval and step > 0 and step % self.cfg.interval == 0:
             return True
         return self.cfg.save_final and step == self.train_iters
+
+    def full_save_due(self, step: int) -> bool:
+        """A full (resumable) DeepSpeed checkpoint is scheduled at ``step``: an interval save or the end."""
+        if self.cfg.interval and step > 0 and step % self.cfg.interval == 0:
+            return True
+        return self.cfg.save_final and step == self.train_iters
+
+    def weights_save_due(self, step: int) -> bool:
+        """``step`` is one of Pythia's extra steps: a weights-only Hugging Face folder (``hf_step<N>``)."""
+        return step in self.extra
 
     # -- save -------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, config_yaml: str,
@@ -192,12 +234,39 @@ class Checkpointer:
         if self.cfg.keep_last is None:
             return
         steps = sorted(s for p in self.dir.iterdir() if p.is_dir() and (s := step_of(p.name)) is not None)
-        prunable = [s for s in steps if s not in self.extra and tag_for(s) != keep]
+        # An extra step's full checkpoint is kept unless its weights-only folder exists (older runs
+        # saved extra steps as full checkpoints; since hf_step<N> holds them, only interval saves remain).
+        prunable = [s for s in steps if tag_for(s) != keep
+                    and (s not in self.extra or (self.dir / weights_tag_for(s)).is_dir())]
         # keep_last counts the checkpoint just written too.
         excess = len(prunable) - (self.cfg.keep_last - 1)
         for s in prunable[:max(excess, 0)]:
             shutil.rmtree(self.dir / tag_for(s), ignore_errors=True)
             shutil.rmtree(self.dir / (tag_for(s) + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+    def save_weights(self, engine, step: int, cfg) -> Path:
+        """Pythia's extra steps: ``RUN/checkpoints/hf_step<N>/``, a Hugging Face folder of the fp32
+        master weights (safetensors + config + tokenizer + the run's config YAML), never pruned.
+
+        Every rank calls this (gathering ZeRO-partitioned masters is a collective); rank 0 writes the
+        folder under a temporary name (``.hf_step<N>.tmp``) and renames it when complete, so a crash
+        never leaves a partial folder under the final name. A folder of the same step from an earlier
+        attempt is replaced.
+        """
+        state = gather_fp32_masters(engine, is_main=self.is_main)
+        final = self.dir / weights_tag_for(step)
+        if self.is_main:
+            from megatron_l2e.export import write_hf_folder
+
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".hf_step*.tmp"):          # a crashed attempt's leftovers
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = self.dir / f".{final.name}.tmp"
+            write_hf_folder(tmp, state, cfg)
+            del state
+            _publish_dir(tmp, final)
+        _barrier()
+        return final
 
     # -- resume -----------------------------------------------------------------------------
     def resolve(self, resume: str | None) -> Path | None:
@@ -407,6 +476,130 @@ def _broadcast(obj):
     box = [obj]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+# ----------------------------------------------------------------------------------------------
+# fp32 master weights of a live engine, and weights-only folders
+# ----------------------------------------------------------------------------------------------
+
+def gather_fp32_masters(engine, *, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The fp32 master weights of a live DeepSpeed engine, whole, on CPU: ``{name: tensor}`` on the
+    main rank, None elsewhere.
+
+    A collective under ZeRO: every rank calls it and visits every parameter in the same order.
+    ZeRO 1/2/3 (and DeepSpeed's BF16 optimizer): ``deepspeed.utils.safe_get_full_fp32_param``, which
+    all-reduces the rank's partition of each master. ZeRO 0 with fp16/bf16 (DeepSpeed's FP16 optimizers,
+    no partitioning): the optimizer's fp32 copy of each parameter. fp32 without ZeRO: the parameters are
+    the masters.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    zero0 = _fp16_optimizer_masters(getattr(engine, "optimizer", None))
+    out: dict[str, torch.Tensor] = {}
+    for name, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        if master is None:
+            master = zero0.get(id(p))
+        if master is None:
+            if p.dtype != torch.float32 or hasattr(p, "ds_id"):
+                raise CheckpointError(f"no fp32 master weight found for {name} ({p.dtype}, "
+                                      f"optimizer {type(getattr(engine, 'optimizer', None)).__name__})")
+            master = p
+        if is_main:
+            out[name] = master.detach().to(device="cpu", dtype=torch.float32, copy=True)
+    return out if is_main else None
+
+
+def _fp16_optimizer_masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(16-bit parameter) → its fp32 master, for DeepSpeed's ZeRO-0 FP16 optimizers (fp16 and bf16)."""
+    if optimizer is None:
+        return {}
+    try:
+        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    except ImportError:  # pragma: no cover
+        return {}
+    if isinstance(optimizer, FP16_UnfusedOptimizer):       # per-parameter fp32 copies
+        return {id(p): m for lp, hp in zip(optimizer.fp16_groups, optimizer.fp32_groups) for p, m in zip(lp, hp)}
+    if isinstance(optimizer, FP16_Optimizer):              # one flat fp32 tensor per group
+        from torch._utils import _unflatten_dense_tensors
+        return {id(p): m for lp, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat)
+                for p, m in zip(lp, _unflatten_dense_tensors(flat, lp))}
+    return {}
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a completely written folder to its final name (replacing an older one of that name)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run writes (--dry-run)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoragePlan:
+    full_bytes: int           # one full DeepSpeed checkpoint (all ranks together)
+    weights_bytes: int        # one weights-only folder (fp32 safetensors)
+    n_full: int               # scheduled full checkpoints (interval saves + the final one)
+    n_weights: int            # weights-only extra steps
+    kept_full: int            # full checkpoints left by keep_last
+
+    @property
+    def writes(self) -> int:
+        return self.n_full * self.full_bytes + self.n_weights * self.weights_bytes
+
+    @property
+    def keeps(self) -> int:
+        return self.kept_full * self.full_bytes + self.n_weights * self.weights_bytes
+
+    def lines(self) -> list[str]:
+        return [f"checkpoint: {_size(self.full_bytes)} full, {_size(self.weights_bytes)} weights-only",
+                f"run writes: {_size(self.writes)}, keeps: {_size(self.keeps)} ({self.n_full} full "
+                f"checkpoints, {self.kept_full} kept; {self.n_weights} weights-only extra steps, all kept)"]
+
+
+def _size(n: float) -> str:
+    """Decimal units (GB = 1e9 bytes), one decimal: 38.9 GB, 16.8 MB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def full_checkpoint_bytes_per_param(precision: str, zero_stage: int) -> int:
+    """Bytes per parameter of a full DeepSpeed checkpoint, all ranks together (measured on 0.19.8).
+
+    fp16/bf16: 2-byte module weights + 4-byte fp32 masters + 8-byte Adam moments = 14; ZeRO 3 writes no
+    module weights (they are the masters' partitions), 12. fp32: parameters + Adam = 12; ZeRO 1/2 also
+    write the optimizer's own fp32 partition copy, 16.
+    """
+    adam, master = 8, 4
+    if zero_stage == 3:
+        return master + adam
+    if precision in ("fp16", "bf16"):
+        return 2 + master + adam
+    return 4 + (master if zero_stage in (1, 2) else 0) + adam
+
+
+def storage_plan(n_params: int, *, precision: str, zero_stage: int, cfg: CheckpointConfig,
+                 train_iters: int) -> StoragePlan:
+    """What a fresh run of ``train_iters`` steps writes: interval saves and the final save as full
+    checkpoints (``keep_last`` of them kept), Pythia's extra steps as weights-only fp32 folders (4 bytes
+    per parameter, all kept). File headers, the client state and tokenizer files are not counted."""
+    full_steps = {s for s in range(1, train_iters + 1) if cfg.interval and s % cfg.interval == 0}
+    if cfg.save_final:
+        full_steps.add(train_iters)
+    n_full = len(full_steps)
+    n_weights = len({s for s in cfg.extra_steps if 0 <= s <= train_iters})
+    kept = n_full if cfg.keep_last is None else min(cfg.keep_last, n_full)
+    return StoragePlan(full_bytes=n_params * full_checkpoint_bytes_per_param(precision, zero_stage),
+                       weights_bytes=n_params * 4, n_full=n_full, n_weights=n_weights, kept_full=kept)
 
 
 def _rank() -> int:

@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="a Hugging Face model folder")
     src.add_argument("--checkpoint", type=Path,
-                     help="a training checkpoint RUN/checkpoints/TAG (exported to RUN/hf/TAG first)")
+                     help="a training checkpoint RUN/checkpoints/TAG (exported to RUN/hf/TAG first; a "
+                          "weights-only RUN/checkpoints/hf_step<N> is used as is)")
     p.add_argument("--tasks", default="paper",
                    help="comma-separated lm-eval tasks/groups or presets: paper (arc_challenge,piqa,sciq), "
                         "all (+arc_easy,mmlu,bigbench_lite) [paper]")
@@ -526,6 +527,8 @@ def _export(checkpoint: Path, out_dir: Path) -> Path:
         from megatron_l2e.export import export_checkpoint
     except ImportError as exc:
         raise EvalError(f"--checkpoint needs megatron_l2e.export, which cannot be imported ({exc})") from None
+    if _is_exported(checkpoint):
+        return checkpoint                    # a weights-only save (RUN/checkpoints/hf_step<N>): already one
     if _is_exported(out_dir):
         return out_dir                       # exported before: export is deterministic
     return Path(export_checkpoint(checkpoint, out_dir))

@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 
 def dry_run_report(cfg: Config) -> str:
+    from megatron_l2e.checkpoint import storage_plan
     from megatron_l2e.engine import BatchLayout, launch_env, lr_at
     from megatron_l2e.l2e.config import resolve_layers
     from megatron_l2e.model import build_model, count_parameters
@@ -68,6 +69,8 @@ def dry_run_report(cfg: Config) -> str:
         f"schedule: {cfg.schedule.style}, warm-up {warm:,} steps, decay over {cfg.decay_iters:,} steps, "
         f"lr {cfg.optimizer.lr:g} → {cfg.optimizer.lr * cfg.schedule.min_lr_ratio:g}; "
         f"lr at the last step {lr_at(cfg.train.iters - 1, cfg):.3g}",
+        *storage_plan(n_params, precision=cfg.train.precision, zero_stage=cfg.distributed.zero_stage,
+                      cfg=cfg.checkpoint, train_iters=cfg.train.iters).lines(),
     ]
     if cfg.l2e.enabled:
         sites = resolve_layers(cfg.l2e.layers, cfg.model.num_layers)
@@ -273,13 +276,25 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
     dump_l2e = l2e is not None and os.environ.get(DUMP_L2E_ENV, "") not in ("", "0")
     stop = StopRequests.install(cfg.train.walltime, start=started)
 
-    def save(step: int) -> None:
+    def save(step: int, full: bool | None = None) -> None:
+        """Pythia's extra steps → a weights-only folder (hf_step<N>); interval/final saves → a full
+        checkpoint; a step that is both gets both. ``full=True`` (a stop) forces the full one."""
         t0 = time.perf_counter()
-        ext = {"l2e": l2e.state_dict()} if l2e is not None else {}
-        state = client_state(step=step, consumed_samples=step * layout.global_batch_size,
-                             config=cfg.to_dict(), extensions=ext, dp_world_size=dist.world_size)
-        ckpt.save(engine, step, state, config_yaml, rank_extras={"l2e_state": ext["l2e"]} if dump_l2e else None)
-        stop.saved(time.perf_counter() - t0)
+        if full is None:
+            full = ckpt.full_save_due(step) or not ckpt.weights_save_due(step)
+        if full:
+            ext = {"l2e": l2e.state_dict()} if l2e is not None else {}
+            state = client_state(step=step, consumed_samples=step * layout.global_batch_size,
+                                 config=cfg.to_dict(), extensions=ext, dp_world_size=dist.world_size)
+            ckpt.save(engine, step, state, config_yaml, rank_extras={"l2e_state": ext["l2e"]} if dump_l2e else None)
+            stop.saved(time.perf_counter() - t0)          # what a stop before the deadline must allow for
+        t1 = time.perf_counter()
+        if ckpt.weights_save_due(step):
+            ckpt.save_weights(engine, step, cfg)
+        if dist.is_main:
+            what = [f"full {t1 - t0:.2f} s"] if full else []
+            what += [f"weights-only {time.perf_counter() - t1:.2f} s"] if ckpt.weights_save_due(step) else []
+            print(f"[megatron-l2e] saved step {step} ({', '.join(what)})", flush=True)
         logger.log(step, {"checkpoint_seconds": time.perf_counter() - t0})
 
     if start == 0 and ckpt.should_save(0):
@@ -311,7 +326,7 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
             stopped = stop.agreed(dist.device) if step < cfg.train.iters else None   # same on every rank
             leave = stopped or (exit_after is not None and step - start >= exit_after)
             if ckpt.should_save(step) or (leave and step < cfg.train.iters):
-                save(step)
+                save(step, full=True if leave else None)      # a stop needs a resumable checkpoint
             if stopped:
                 status = EX_TEMPFAIL
                 if ckpt.is_main:

@@ -1,5 +1,5 @@
 """Training end to end with real DeepSpeed processes: loss falls, exact resume, atomic latest,
-keep-last-k, weights-only checkpoints, export round trip."""
+keep-last-k, weights_only-loadable checkpoints, export round trip."""
 
 import json
 from pathlib import Path
@@ -88,8 +88,8 @@ def test_loss_falls_and_lr_follows_schedule(runs):
 def test_checkpoint_layout_keep_last_and_client_state(runs):
     ck = runs["A"] / "checkpoints"
     assert (ck / "latest").read_text().strip() == "global_step8"
-    # keep_last 1 pruned global_step4; Pythia-style extra step 2 is never pruned.
-    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["global_step2", "global_step8"]
+    # keep_last 1 pruned global_step4; Pythia-style extra step 2 is a weights-only folder, never pruned.
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["global_step8", "hf_step2"]
     state = module_state(ck / "global_step8")                   # weights_only=True succeeded
     assert state["step"] == 8 and state["consumed_samples"] == 64
     assert state["config"]["train"]["iters"] == 8
