@@ -352,8 +352,8 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
 #                                 (global_step<N>/l2e_state.rank<R>.pt), to compare ranks.
 # MEGATRON_L2E_FAULT=RANK:STEP    rank RANK raises at the start of step STEP (1-based), to test that a
 #                                 crash on one rank ends the whole job and leaves `latest` complete.
-# MEGATRON_L2E_SIGNAL=RANK:STEP:SIG  rank RANK sends itself the real signal SIG (e.g. SIGTERM) at the
-#                                 start of step STEP: a preemption that lands on one rank, on cue.
+# MEGATRON_L2E_SIGNAL=RANK:STEP:SIG[,...]  rank RANK sends itself the real signal SIG (e.g. SIGTERM) at
+#                                 the start of step STEP: a preemption that lands on one rank, on cue.
 DUMP_L2E_ENV = "MEGATRON_L2E_DUMP_L2E_STATE"
 FAULT_ENV = "MEGATRON_L2E_FAULT"
 SIGNAL_ENV = "MEGATRON_L2E_SIGNAL"
@@ -373,14 +373,13 @@ def inject_fault(step: int, rank: int) -> None:
 
 
 def inject_signal(step: int, rank: int) -> None:
-    spec = os.environ.get(SIGNAL_ENV)
-    if not spec:
-        return
-    r, s, name = spec.split(":")
-    if int(r) == rank and int(s) == step:
-        import signal
+    """Entries may repeat, comma-separated ("0:5:SIGINT,0:5:SIGINT": a double Ctrl-C, each handled)."""
+    import signal
 
-        os.kill(os.getpid(), getattr(signal, name))
+    for entry in filter(None, os.environ.get(SIGNAL_ENV, "").split(",")):
+        r, s, name = entry.split(":")
+        if int(r) == rank and int(s) == step:
+            os.kill(os.getpid(), getattr(signal, name))
 
 
 def lm_eval_in_training(engine, cfg: Config, dist) -> dict[str, float]:

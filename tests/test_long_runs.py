@@ -156,3 +156,46 @@ def test_token_id_beyond_the_vocabulary_mid_run_is_one_line(tiny_data, tmp_path)
     assert line == (f"error: {prefix}.bin: row {row} (step 3, data-parallel rank 0) holds token id 999, ≥ "
                     f"model.vocab_size 320: re-tokenize with the model's tokenizer, or raise model.vocab_size")
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "global_step2"
+
+
+def test_walltime_arithmetic_and_slurm_deadline(monkeypatch):
+    from megatron_l2e.stopping import EXIT_ALLOWANCE_S, SLURM_MARGIN_S, StopRequests, parse_walltime, slurm_deadline
+
+    assert parse_walltime("01:02:03") == 3723 and parse_walltime("2-00:00:10") == 2 * 86400 + 10
+    assert parse_walltime(86400) == 86400                    # YAML 1.1 reads an unquoted 24:00:00 as 86400
+    for bad in ("1:2", "00:60:00", "x-01:00:00", "01:00:00:00"):
+        with pytest.raises(ValueError):
+            parse_walltime(bad)
+    monkeypatch.setenv("SLURM_JOB_END_TIME", "1000000")
+    assert slurm_deadline() == 1000000 - SLURM_MARGIN_S
+    assert StopRequests.install(None).deadline == 1000000 - SLURM_MARGIN_S   # Slurm's end when no walltime
+    s = StopRequests.install("00:01:40", start=0.0)                          # a walltime wins over Slurm's end
+    s.uninstall()
+    assert s.deadline == 100.0
+    s.step_seconds = [1.0, 3.0]
+    s.saved(2.0)
+    edge = 100.0 - 3.0 - 2.0 - EXIT_ALLOWANCE_S                              # slowest step + slowest save
+    assert not s.out_of_time(now=edge) and s.out_of_time(now=edge + 0.01)
+    s.save_seconds = None                                                    # before the first save: a guess
+    assert s.out_of_time(now=100.0 - 3.0 - 30.0 - EXIT_ALLOWANCE_S + 0.01)
+    assert s.agreed() == "walltime" or not s.out_of_time()
+
+
+def test_second_sigint_aborts_without_saving(tiny_data, tmp_path):
+    """First SIGINT: the run saves the step in flight and exits 75; a second one before that: exit 130,
+    `latest` still on the last complete checkpoint, one line, no traceback."""
+    cfg = config(tiny_data, tmp_path, "int", checkpoint="{interval: 2, extra_steps: [], keep_last: null}")
+    env = {**os.environ, **ENV, "MEGATRON_L2E_SIGNAL": "0:5:SIGINT"}
+    p = subprocess.run([sys.executable, "-m", "megatron_l2e.train", "--config", str(cfg)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 75 and (tmp_path / "int/checkpoints/preempted").read_text().strip() == "global_step5"
+    assert "press Ctrl-C again to abort" in p.stderr
+    # Two SIGINTs to itself at the start of step 7, each handled: no save of step 7 or later.
+    p = subprocess.run([sys.executable, "-m", "megatron_l2e.train", "--config", str(cfg), "--resume", "auto"],
+                       cwd=ROOT, env={**env, "MEGATRON_L2E_SIGNAL": "0:7:SIGINT,0:7:SIGINT"}, capture_output=True,
+                       text=True, timeout=240)
+    err = p.stderr
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: aborted by a second SIGINT")
+    assert (tmp_path / "int/checkpoints/latest").read_text().strip() == "global_step6"    # the interval save
+    assert max(losses(tmp_path / "int")) == 6 and not (tmp_path / "int/checkpoints/global_step7").exists()

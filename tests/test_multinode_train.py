@@ -244,6 +244,25 @@ def test_output_dir_that_is_not_shared_stops_within_seconds(runs, tmp_path):
     assert not (cwds[0] / "rel-run/checkpoints").exists()
 
 
+def test_node_local_output_dirs_each_get_their_latest(runs, tmp_path):
+    """checkpoint.node_local: each node's lowest rank writes `latest` (and the checkpoint's config) into its
+    own output.dir; the shards stay where each rank wrote them (the user gathers them to resume elsewhere)."""
+    cfg = tmp_path / "local.yml"
+    cfg.write_text(runs["cfgs"]["2r_z1"].read_text().replace(str(runs["2r_z1"]), "local-run")
+                   .replace("keep_last: null}", "keep_last: null, node_local: true}"))
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for c in cwds:
+        c.mkdir()
+    res, _ = two_nodes(cfg, [["--exit-after-steps", "2"]] * 2, cwds=cwds)
+    for rc, out, err in res:
+        assert rc == 0, err[-3000:]
+    for r, c in enumerate(cwds):
+        ck = c / "local-run/checkpoints"
+        assert (ck / "latest").read_text().strip() == "global_step2"
+        assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", f"rng_state.rank{r}.pt", "config.yaml"} <= \
+            {f.name for f in (ck / "global_step2").iterdir()}
+
+
 def test_stop_signal_on_one_rank_saves_the_step_in_flight_on_both(runs):
     """SIGTERM reaches rank 1 alone, at the start of step 5: both ranks finish step 5 and save global_step5
     (every shard, each rank's generators), rank 0 writes the marker; the resume is exact."""
