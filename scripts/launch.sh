@@ -4,5 +4,6 @@
 #   ssh/pdsh: one command on the first node starts every node (the DeepSpeed launcher, pdsh).
 #   no ssh:   run on EVERY node:  scripts/launch.sh --hostfile hosts.txt --no-ssh --node-rank R --config ...
 # Options: --master-addr A (default: first host), --master-port P (29500), --resume auto|PATH. See docs/distributed.md.
+# Ctrl-C once (or kill -USR1 PID) stops with a checkpoint: exit 75 (docs/distributed.md "Long runs").
 set -euo pipefail
 exec "${PYTHON:-python}" "$(dirname "$0")/../tools/launch.py" hostfile "$@"

@@ -13,6 +13,14 @@ same ``--set`` overrides) and checks the global batch against the GPUs it is abo
 :class:`megatron_l2e.engine.BatchLayout` — a split that does not divide is refused with the nearest
 valid GPU counts *before* anything starts. ``--dry-run`` prints the command and exits. The thin
 scripts in ``scripts/`` call this file; errors are one line on stderr, exit status 2.
+
+Long runs (DESIGN §7): this file stays the parent of the launcher it starts. The first stop request it
+receives (SIGTERM, SIGUSR1, SIGHUP, SIGQUIT or a first Ctrl-C) is passed on once, as a signal every launcher
+in the chain survives and the ranks handle (SIGUSR1; SIGTERM for a torchrun without ``--signals-to-handle``);
+a second Ctrl-C aborts. When the launcher ends, ``RUN/checkpoints/preempted`` (written by rank 0 after the
+stop checkpoint) decides the status: 75 and a resume hint if it exists — launchers rewrite the ranks' 75
+into 1 — else the launcher's own status. Under Slurm the batch step then requeues the job
+(``scontrol requeue``) and exits 0. Details: docs/distributed.md "Long runs".
 """
 
 from __future__ import annotations
@@ -22,9 +30,12 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +48,21 @@ TRAIN_MODULE = "megatron_l2e.train"
 DEFAULT_PORT = 29500
 SBATCH_SCRIPT = ROOT / "scripts" / "slurm" / "train.sbatch"
 HOST_RE = re.compile(r"^(?P<host>[A-Za-z0-9_.:\-\[\]]+)(?:\s+slots=(?P<slots>\S+))?$")
+
+EX_TEMPFAIL = 75                     # the run stopped on request after saving: "resume me" (sysexits.h)
+MARKER = "preempted"                 # RUN/checkpoints/preempted, one line: the stop checkpoint's tag
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"   # torchrun's default list + SIGUSR1
+DEFAULT_SHUTDOWN_TIMEOUT = 600       # s torchrun waits for the ranks after forwarding a signal (≥ a save)
+STOP_REQUESTS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT, signal.SIGINT)
+PDSH_FANOUT = "1024"                 # as DeepSpeed's PDSH runner
+ENV_FILE = "launch.env"              # RUN/launch.env: what the DeepSpeed runner exports on every node
+# What DeepSpeed's runner does not forward by itself (it forwards PYTHON*, MLFLOW*, MV2*, UCX*, NCCL* on
+# CUDA) but this package, wandb, Hugging Face, Triton or torch read on the ranks.
+ENV_PREFIXES = ("MEGATRON_L2E_", "WANDB_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "TOKENIZERS_", "TRITON_",
+                "TORCH_", "TORCHINDUCTOR_", "NUMBA_", "GLOO_")
+ENV_NAMES = ("OMP_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "DS_ACCELERATOR")
+SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+DS_PLAIN = re.compile(r"[\w@%+=:,./-]*")    # values DeepSpeed's add_export passes without quotes
 
 
 class UsageError(Exception):
@@ -137,13 +163,89 @@ class Plan:
     layout: BatchLayout
     nodes: int
     note: str = ""
+    kind: str = "exec"               # exec: hand the process over (sbatch); local | pdsh | slurm: supervise
+    run_dir: Path | None = None      # the config's output.dir (where the marker appears)
+    env: dict[str, str] = field(default_factory=dict)        # added to the launcher's environment
+    env_file: tuple[Path, str] | None = None                 # (path, text) written before launching
+    hosts: list[str] = field(default_factory=list)           # pdsh: where the stop request goes
+    stop_signal: int = signal.SIGUSR1                        # local/slurm: what the first stop request sends
+    stop_group: bool = False                                 # local: to the launcher's process group
+    warnings: list[str] = field(default_factory=list)
 
     def show(self) -> str:
         lines = [f"# {self.nodes} node(s), {self.layout.dp_world} GPUs: {self.layout.describe()}"]
         if self.note:
             lines.append(f"# {self.note}")
+        lines += [f"# warning: {w}" for w in self.warnings]
+        lines += [f"# env: {k}={v}" for k, v in self.env.items()]
         lines.append(shlex.join(self.cmd))
         return "\n".join(lines)
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(os.path.abspath(cfg.output.dir))
+
+
+# ---- DeepSpeed runner (ssh/pdsh): the environment every node gets ------------------------------
+
+def ds_env_value(value: str) -> str:
+    """``value`` as a line of a DeepSpeed env file. The runner strips it and, when it holds anything
+    outside ``[\\w@%+=:,./-]``, wraps it in double quotes for the remote shell; backslash-escaping the
+    backslash, the double quote, ``$`` and the backquote makes the remote shell see the value itself."""
+    return value if DS_PLAIN.fullmatch(value) else re.sub(r'([\\"$`])', r"\\\1", value)
+
+
+def ds_env_file(out: Path, environ=None) -> tuple[str, list[str]]:
+    """The text of ``out`` (``RUN/launch.env``), for ``DS_ENV_FILE``, and notes on what was left out.
+
+    ``KEY=VALUE`` lines, no blank line (DeepSpeed's reader splits every line at its first ``=`` and
+    fails on one without). First this process's values of ``ENV_PREFIXES``/``ENV_NAMES``, then the lines
+    of the env files DeepSpeed would otherwise read itself (``~/NAME`` then ``./NAME``, NAME =
+    ``$DS_ENV_FILE`` or ``.deepspeed_env``; DS_ENV_FILE replaces both, so they are merged here, read-only):
+    later lines win, as in DeepSpeed."""
+    environ = os.environ if environ is None else environ
+    entries: dict[str, str] = {}
+    notes: list[str] = []
+    for key in sorted(environ):
+        if not (key.startswith(ENV_PREFIXES) or key in ENV_NAMES) or not SHELL_NAME.fullmatch(key):
+            continue
+        value = environ[key]
+        if "\n" in value or "\r" in value or value != value.strip():
+            notes.append(f"{key} is not forwarded: DeepSpeed's env file cannot carry a value with a line break "
+                         f"or leading/trailing blanks")
+            continue
+        entries[key] = ds_env_value(value)
+    name = environ.get("DS_ENV_FILE", ".deepspeed_env")
+    seen = {os.path.realpath(out)}
+    for base in (os.path.expanduser("~"), "."):
+        f = os.path.join(base, name)
+        if not os.path.isfile(f) or os.path.realpath(f) in seen:
+            continue
+        seen.add(os.path.realpath(f))
+        for n, raw in enumerate(Path(f).read_text().splitlines(), 1):
+            if not raw.strip():
+                continue                      # DeepSpeed itself would fail on it
+            if "=" not in raw:
+                raise UsageError(f"{f}:{n}: {raw.strip()!r}: expected KEY=VALUE (DeepSpeed's env-file format)")
+            key, value = raw.split("=", 1)
+            entries[key.strip()] = value.strip()
+        notes.append(f"merged {f}")
+    entries.pop("DS_ENV_FILE", None)
+    return "".join(f"{k}={v}\n" for k, v in entries.items()), notes
+
+
+def pdsh_stop_cmd(hosts: list[str], runner_pid: int) -> list[str]:
+    """SIGUSR1 to the ranks on every node: the children of DeepSpeed's per-node launcher, whose pid it wrote
+    to /tmp/<runner pid>.deepspeed (runner --save_pid). The launcher itself is left alone: it turns SIGTERM
+    into a 30 s countdown to SIGKILL for the ranks, and dies of SIGUSR1."""
+    return ["pdsh", "-S", "-f", PDSH_FANOUT, "-w", ",".join(hosts),
+            f'pkill -USR1 -P "$(cat /tmp/{runner_pid}.deepspeed)"']
+
+
+def pdsh_cleanup_cmd(hosts: list[str], runner_pid: int) -> list[str]:
+    """DeepSpeed's launcher leaves /tmp/<runner pid>.deepspeed behind, and asserts it is absent at start."""
+    return ["pdsh", "-S", "-f", PDSH_FANOUT, "-t", "10", "-u", "30", "-w", ",".join(hosts),
+            f"rm -f /tmp/{runner_pid}.deepspeed"]
 
 
 def plan_hostfile(args, cfg: Config, hosts: dict[str, int] | None = None) -> Plan:
@@ -152,21 +254,32 @@ def plan_hostfile(args, cfg: Config, hosts: dict[str, int] | None = None) -> Pla
     master = args.master_addr or next(iter(hosts))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(args.hostfile),
            "--master_addr", master, "--master_port", str(args.master_port)]
-    note = ""
+    plan = Plan(cmd, layout, len(hosts), run_dir=run_dir(cfg), hosts=list(hosts))
     if args.no_ssh:
         if args.node_rank is None:
             raise UsageError("--no-ssh needs --node-rank R (0 on the first host of the hostfile, 1 on the next, ...)")
         if not 0 <= args.node_rank < len(hosts):
             raise UsageError(f"--node-rank {args.node_rank} is outside the hostfile's {len(hosts)} node(s)")
         cmd += ["--no_ssh", "--node_rank", str(args.node_rank)]
-        note = f"run this on every node with its own --node-rank (this is node {args.node_rank})"
+        plan.note = f"run this on every node with its own --node-rank (this is node {args.node_rank})"
+        # The local launchers ignore SIGUSR1 (inherited), the ranks handle it: one signal to the group.
+        plan.kind, plan.stop_group = "local", True
     else:
         if args.node_rank is not None:
             raise UsageError("--node-rank is for --no-ssh launches; with ssh/pdsh one command starts every node")
         # One host in the hostfile would otherwise be launched *locally*; force pdsh so it runs there.
-        cmd += ["--force_multi", "--launcher", "pdsh"]
+        # --save_pid: each node's launcher writes its pid where the stop request finds its ranks.
+        cmd += ["--force_multi", "--launcher", "pdsh", "--save_pid"]
+        env_path = plan.run_dir / ENV_FILE
+        text, notes = ds_env_file(env_path)
+        plan.env_file = (env_path, text)
+        plan.env["DS_ENV_FILE"] = str(env_path)
+        names = [line.split("=", 1)[0] for line in text.splitlines()]
+        plan.note = (f"{env_path}: {len(names)} variable(s) for every node ({', '.join(names) or 'none'})"
+                     + "".join(f"; {n}" for n in notes))
+        plan.kind = "pdsh"
     cmd += ["--module", TRAIN_MODULE, *train_args(args)]
-    return Plan(cmd, layout, len(hosts), note)
+    return plan
 
 
 def _uniform(hosts: dict[str, int]) -> int | None:
@@ -174,20 +287,54 @@ def _uniform(hosts: dict[str, int]) -> int | None:
     return slots.pop() if len(slots) == 1 else None
 
 
+@lru_cache(maxsize=1)
+def torchrun_options() -> frozenset[str]:
+    """The options this interpreter's torchrun accepts (``--signals-to-handle``: torch ≥ 2.9;
+    ``--shutdown-timeout``: newer still)."""
+    try:
+        from torch.distributed.run import get_args_parser
+        return frozenset(get_args_parser()._option_string_actions)
+    except Exception:  # noqa: BLE001 - no torch here: assume an old torchrun
+        return frozenset()
+
+
+def shutdown_timeout(args) -> int:
+    t = args.shutdown_timeout if args.shutdown_timeout is not None else DEFAULT_SHUTDOWN_TIMEOUT
+    if t < 1:
+        raise UsageError(f"--shutdown-timeout {t}: expected ≥ 1 second (at least one checkpoint save)")
+    return t
+
+
 def torchrun_cmd(torchrun: str, nnodes: int, node_rank: str, master: str, port: int, gpn: int,
-                 args) -> list[str]:
-    return [*shlex.split(torchrun), "--nnodes", str(nnodes), "--nproc-per-node", str(gpn),
-            "--node-rank", node_rank, "--master-addr", master, "--master-port", str(port),
-            "-m", TRAIN_MODULE, *train_args(args)]
+                 args, warnings: list[str]) -> list[str]:
+    cmd = [*shlex.split(torchrun), "--nnodes", str(nnodes), "--nproc-per-node", str(gpn),
+           "--node-rank", node_rank, "--master-addr", master, "--master-port", str(port)]
+    opts = torchrun_options()
+    timeout = shutdown_timeout(args)
+    if "--signals-to-handle" in opts:
+        cmd += ["--signals-to-handle", TORCHRUN_SIGNALS]
+    else:
+        warnings.append("this torch's torchrun has no --signals-to-handle (torch < 2.9): SIGUSR1 would kill it, "
+                        "so it is started with SIGUSR1 ignored and stop requests reach it as SIGTERM")
+    if "--shutdown-timeout" in opts:
+        cmd += ["--shutdown-timeout", str(timeout)]
+    else:
+        warnings.append("this torch's torchrun has no --shutdown-timeout: it SIGKILLs the ranks 30 s after "
+                        "forwarding a stop signal; a save that takes longer is lost (use train.walltime)")
+    return [*cmd, "-m", TRAIN_MODULE, *train_args(args)]
 
 
 def plan_torchrun(args, cfg: Config) -> Plan:
     if not 0 <= args.node_rank < args.nnodes:
         raise UsageError(f"--node-rank {args.node_rank} is outside --nnodes {args.nnodes}")
     layout = check_gpus(cfg, args.nnodes * args.nproc_per_node, args.nproc_per_node)
+    warnings: list[str] = []
     cmd = torchrun_cmd(args.torchrun, args.nnodes, str(args.node_rank), args.master_addr, args.master_port,
-                       args.nproc_per_node, args)
-    return Plan(cmd, layout, args.nnodes, f"run on every node with its own --node-rank (this is node {args.node_rank})")
+                       args.nproc_per_node, args, warnings)
+    # torchrun puts each rank in its own session: the stop request goes to torchrun, which forwards it.
+    stop = signal.SIGUSR1 if "--signals-to-handle" in cmd else signal.SIGTERM
+    return Plan(cmd, layout, args.nnodes, f"run on every node with its own --node-rank (this is node {args.node_rank})",
+                kind="local", run_dir=run_dir(cfg), stop_signal=stop, warnings=warnings)
 
 
 def slurm_hosts() -> list[str]:
@@ -218,12 +365,24 @@ def plan_slurm(args, cfg: Config) -> Plan:
     hosts = slurm_hosts()
     gpn = slurm_gpus_per_node(args)
     layout = check_gpus(cfg, len(hosts) * gpn, gpn)
-    # Expanded on each node by the bash that srun starts there: every node gets its own rank.
-    inner = torchrun_cmd(args.torchrun, len(hosts), "$SLURM_NODEID", hosts[0], args.master_port, gpn, args)
-    inner_s = " ".join('"$SLURM_NODEID"' if a == "$SLURM_NODEID" else shlex.quote(a) for a in inner)
-    cmd = ["srun", "--nodes", str(len(hosts)), "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-           "bash", "-c", inner_s]
-    return Plan(cmd, layout, len(hosts), f"master {hosts[0]}:{args.master_port}; nodes {','.join(hosts)}")
+    note = f"master {hosts[0]}:{args.master_port}; nodes {','.join(hosts)}"
+    if not args.resume:
+        args.resume = "auto"          # a requeued job continues; a fresh run has nothing to resume: step 0
+        note += "; --resume auto added"
+    warnings: list[str] = []
+    # Expanded on each node by the bash that srun starts there: every node gets its own rank. The bash
+    # ignores SIGUSR1 (inherited through exec): srun's forwarded signal reaches every process of the
+    # step, and an old torchrun would die of it; a torchrun with --signals-to-handle installs its own.
+    inner = torchrun_cmd(args.torchrun, len(hosts), "$SLURM_NODEID", hosts[0], args.master_port, gpn, args,
+                         warnings)
+    inner_s = 'trap "" USR1; exec ' + " ".join(
+        '"$SLURM_NODEID"' if a == "$SLURM_NODEID" else shlex.quote(a) for a in inner)
+    cmd = ["srun", "--nodes", str(len(hosts)), "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit() and int(cpus) > 0:
+        cmd.append(f"--cpus-per-task={cpus}")     # srun no longer inherits it from sbatch (Slurm ≥ 22.05)
+    cmd += ["bash", "-c", inner_s]
+    return Plan(cmd, layout, len(hosts), note, kind="slurm", run_dir=run_dir(cfg), warnings=warnings)
 
 
 def plan_submit(args, cfg: Config) -> Plan:
@@ -236,8 +395,10 @@ def plan_submit(args, cfg: Config) -> Plan:
         cmd.append(f"--nodelist={args.nodelist}")
     for extra in args.sbatch_arg:
         cmd.append(extra)
-    cmd += [str(SBATCH_SCRIPT), "--gpus-per-node", str(gpn), "--master-port", str(args.master_port),
-            *train_args(args)]
+    cmd += [str(SBATCH_SCRIPT), "--gpus-per-node", str(gpn), "--master-port", str(args.master_port)]
+    if args.shutdown_timeout is not None:
+        cmd += ["--shutdown-timeout", str(shutdown_timeout(args))]
+    cmd += train_args(args)
     return Plan(cmd, layout, args.nodes)
 
 
@@ -299,6 +460,9 @@ def _train_options(p: argparse.ArgumentParser, config_required: bool = True) -> 
     p.add_argument("--resume", metavar="auto|PATH", help="forwarded to megatron_l2e.train")
     p.add_argument("--exit-after-steps", type=int, metavar="N", help="forwarded to megatron_l2e.train")
     p.add_argument("--master-port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--shutdown-timeout", type=int, metavar="S",
+                   help=f"torchrun launches: seconds torchrun waits for the ranks after forwarding a stop signal "
+                        f"before SIGKILL (default {DEFAULT_SHUTDOWN_TIMEOUT}; ≥ the measured save time)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the command, launch nothing")
 
 
@@ -361,11 +525,212 @@ def run(plan: Plan, args) -> int:
     if exe == "srun" or exe == "sbatch":
         if shutil.which(exe) is None:
             raise UsageError(f"{exe} not found on PATH (not a Slurm login/compute node?)")
-    elif "deepspeed.launcher.runner" in plan.cmd and "--no_ssh" not in plan.cmd and shutil.which("pdsh") is None:
+    elif plan.kind == "pdsh" and shutil.which("pdsh") is None:
         raise UsageError("pdsh not found on PATH (the DeepSpeed launcher starts remote nodes with it): install pdsh, "
                          "or run `scripts/launch.sh --no-ssh --node-rank R ...` on every node")
-    os.execvp(exe, plan.cmd)
-    return 1  # pragma: no cover
+    if plan.kind == "exec":
+        os.execvp(exe, plan.cmd)
+        return 1  # pragma: no cover
+    return supervise(plan)
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervising the launcher: stop requests in, the marker out
+# ----------------------------------------------------------------------------------------------
+
+def read_tag(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Atomically, mode 0600 (the env file may hold WANDB_API_KEY / HF_TOKEN)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def slurm_end_time() -> tuple[str, str] | None:
+    """(epoch seconds, source) of this allocation's end from squeue, else scontrol; None if unknown."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    queries = ((["squeue", "-h", "-j", job, "-o", "%e"], lambda out: out.strip()),
+               (["scontrol", "show", "job", job], lambda out: (re.findall(r"\bEndTime=(\S+)", out) or [""])[0]))
+    for cmd, pick in queries:
+        if shutil.which(cmd[0]) is None:
+            continue
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            if out.returncode == 0:     # Slurm prints local time, as this process's time.mktime reads it
+                return str(int(time.mktime(time.strptime(pick(out.stdout), "%Y-%m-%dT%H:%M:%S")))), cmd[0]
+        except (OSError, subprocess.SubprocessError, ValueError, OverflowError):
+            pass
+    return None
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        import psutil                  # a DeepSpeed dependency
+        procs = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
+        for p in procs:
+            p.kill()
+    except ImportError:
+        os.killpg(pid, signal.SIGKILL)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+class Supervisor:
+    """Runs ``plan.cmd`` in its own process group (a terminal's Ctrl-C reaches this process only, never
+    the ranks twice) with SIGUSR1 ignored (inherited: launchers that do not handle it survive it), and
+    turns the first stop request into one signal the chain survives and the ranks handle."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.proc: subprocess.Popen | None = None
+        self.requested: str | None = None
+        self.aborted = False
+        self.pending: list[int] = []      # stop requests that came before the launcher existed
+        self.previous = {s: signal.signal(s, self._on_signal) for s in STOP_REQUESTS}
+
+    def _child_setup(self) -> None:     # in the child, before exec
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    def run(self, env: dict[str, str]) -> int:
+        try:
+            self.proc = subprocess.Popen(self.plan.cmd, env=env, stdin=subprocess.DEVNULL,
+                                         preexec_fn=self._child_setup)
+            if self.plan.kind == "slurm":
+                job = os.environ.get("SLURM_JOB_ID", "JOBID")
+                how = f"scancel --batch --signal=USR1 {job} (then requeued; plain scancel {job} kills at once)"
+            else:
+                how = f"Ctrl-C once, or kill -USR1 {os.getpid()}; a second Ctrl-C aborts"
+            print(f"# launcher pid {self.proc.pid}; to stop with a checkpoint: {how}", flush=True)
+            for signum in self.pending:
+                self._on_signal(signum, None)
+            rc = self.proc.wait()
+        finally:
+            for s, h in self.previous.items():
+                signal.signal(s, h)
+        return rc if rc >= 0 else 128 - rc
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        proc = self.proc
+        if proc is None:
+            self.pending.append(signum)
+            return
+        if proc.poll() is not None:
+            return
+        try:
+            if self.requested is None:
+                self.requested = name
+                self._stop(proc, name)
+            elif signum == signal.SIGINT and not self.aborted:
+                self.aborted = True
+                print("# second SIGINT: aborting without waiting for the checkpoint", flush=True)
+                if self.plan.kind == "local":
+                    _kill_tree(proc.pid)
+                else:                       # DeepSpeed's runner / srun: SIGTERM means "kill everything now"
+                    proc.send_signal(signal.SIGTERM)
+            else:
+                print(f"# {name}: a stop was already requested ({self.requested}); waiting for the checkpoint",
+                      flush=True)
+        except ProcessLookupError:
+            pass
+
+    def _stop(self, proc: subprocess.Popen, name: str) -> None:
+        plan = self.plan
+        if plan.kind == "pdsh":
+            cmd = pdsh_stop_cmd(plan.hosts, proc.pid)
+            print(f"# {name}: SIGUSR1 to the ranks on every node: {shlex.join(cmd)}", flush=True)
+            try:
+                subprocess.run(cmd, env={**os.environ, "PDSH_RCMD_TYPE": "ssh"}, stdin=subprocess.DEVNULL,
+                               timeout=120)
+            except (OSError, subprocess.SubprocessError) as exc:
+                print(f"# the stop request failed ({exc}); Ctrl-C twice aborts", flush=True)
+            return
+        sig = signal.SIGUSR1 if plan.kind == "slurm" else plan.stop_signal
+        target = "the launcher's process group" if plan.stop_group else (
+            "srun (it forwards SIGUSR1 to every task)" if plan.kind == "slurm" else "torchrun")
+        print(f"# {name}: {signal.Signals(sig).name} to {target}: the ranks finish the step, save and exit "
+              f"{EX_TEMPFAIL}", flush=True)
+        if plan.stop_group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+
+
+def supervise(plan: Plan) -> int:
+    """Launch, pass stop requests on, then read ``RUN/checkpoints/preempted``: 75 if the run saved on a stop
+    request (under Slurm: requeue the job and exit 0), else the launcher's status."""
+    sup = Supervisor(plan)              # stop requests are caught from here on
+    ckpts = plan.run_dir / "checkpoints"
+    marker = ckpts / MARKER
+    latest_before = read_tag(ckpts / "latest")
+    try:
+        marker.unlink()                 # a marker names a stop of THIS launch (rank 0 clears it too)
+    except FileNotFoundError:
+        pass
+    if plan.env_file:
+        write_private(*plan.env_file)
+    env = {**os.environ, **plan.env}
+    if plan.kind == "slurm":
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "")
+        if restarts.isdigit() and int(restarts) > 0:
+            print(f"# allocation {int(restarts) + 1} of Slurm job {os.environ.get('SLURM_JOB_ID')} (requeued)")
+        if not os.environ.get("SLURM_JOB_END_TIME"):
+            end = slurm_end_time()
+            if end:
+                env["SLURM_JOB_END_TIME"] = end[0]
+                print(f"# SLURM_JOB_END_TIME={end[0]} (from {end[1]}): the run stops in time to save", flush=True)
+    status = sup.run(env)
+    if plan.kind == "pdsh":
+        try:
+            subprocess.run(pdsh_cleanup_cmd(plan.hosts, sup.proc.pid), env={**os.environ, "PDSH_RCMD_TYPE": "ssh"},
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    tag = read_tag(marker)
+    if tag is None:
+        if sup.requested:
+            print(f"# {sup.requested} was passed on but the run left no {marker}: it did not save on the stop "
+                  f"request; exit {status}", flush=True)
+        return status
+    print(f"preempted: saved {ckpts / tag}; continue with --resume auto (launcher status {status} → "
+          f"{EX_TEMPFAIL})", flush=True)
+    if plan.kind != "slurm":
+        return EX_TEMPFAIL
+    return slurm_requeue(tag, latest_before)
+
+
+def slurm_requeue(tag: str, latest_before: str | None) -> int:
+    """``scontrol requeue`` this job (it needs ``--requeue``: train.sbatch asks for it) and exit 0; 75 when
+    that is impossible or would make no progress."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        print("# SLURM_JOB_ID is unset: not requeued", flush=True)
+        return EX_TEMPFAIL
+    if tag == latest_before:
+        print(f"error: the run stopped at {tag}, the checkpoint this allocation started from: not requeued "
+              f"(another allocation would make no progress); resubmit with --resume auto", file=sys.stderr, flush=True)
+        return EX_TEMPFAIL
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # the requeue ends this allocation; leave with our status
+    out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"error: scontrol requeue {job} failed ({out.stderr.strip() or out.returncode}); resubmit with "
+              f"--resume auto", file=sys.stderr, flush=True)
+        return EX_TEMPFAIL
+    print(f"requeued Slurm job {job} (scontrol requeue): its next allocation continues from {tag} "
+          f"(--resume auto); exit 0", flush=True)
+    return 0
 
 
 PLANS = {"hostfile": plan_hostfile, "torchrun": plan_torchrun, "slurm": plan_slurm, "submit": plan_submit,
