@@ -209,14 +209,31 @@ class Checkpointer:
         tag = tag_for(step)
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
         path = self.dir / tag
-        # Every rank's own generators (CUDA ones differ per device; rank 0's client state has only its own).
-        torch.save(rng_state(), path / f"rng_state.rank{_rank()}.pt")
-        if self.is_main:
-            (path / "config.yaml").write_text(config_yaml)
-        for name, state in (rank_extras or {}).items():
-            torch.save(state, path / f"{name}.rank{_rank()}.pt")
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+            # Every rank's own generators (CUDA ones differ per device; rank 0's client state has only its own).
+            torch.save(rng_state(), path / f"rng_state.rank{_rank()}.pt")
+            if self.is_main:
+                (path / "config.yaml").write_text(config_yaml)
+            for name, state in (rank_extras or {}).items():
+                torch.save(state, path / f"{name}.rank{_rank()}.pt")
+        except (OSError, RuntimeError) as exc:
+            # A full disk, a quota, a vanished mount: one line; `latest` has not moved. (torch.save reports
+            # file errors as RuntimeErrors of its stream writer — "file write failed", "open file failed
+            # with strerror: …"; other RuntimeErrors are not ours to word.)
+            text = str(exc)
+            if isinstance(exc, RuntimeError) and not re.search(r"file (write|open)? ?failed|open file failed", text):
+                raise
+            latest = self.dir / "latest"
+            last = latest.read_text().strip() if latest.is_file() else "no checkpoint yet"
+            if isinstance(exc, OSError) and exc.strerror:
+                why = exc.strerror
+            else:
+                m = re.search(r"strerror: ([^\n]+)|(file write failed)", text)
+                why = (m.group(1) or m.group(2)).strip() if m else text.splitlines()[0]
+            raise CheckpointError(f"saving {path} failed ({why}); `latest` still names {last}: free space, remove "
+                                  f"{path.name}, then --resume auto") from None
         _barrier()
         if self.is_main:
             self._write_latest(tag)
