@@ -28,7 +28,7 @@ import torch
 EX_TEMPFAIL = 75                 # sysexits.h: "temporary failure, retry" — the run wants --resume auto
 MARKER = "preempted"             # RUN/checkpoints/preempted: the tag of the stop checkpoint, for wrappers
 SLURM_MARGIN_S = 60.0            # stop this long before the Slurm allocation ends (on top of the estimates)
-FIRST_SAVE_GUESS_S = 5.0         # before any save was timed: max(this, 10 × the slowest step)
+FIRST_SAVE_GUESS_S = 2.0         # before any save was timed: max(this, 10 × the slowest step)
 EXIT_ALLOWANCE_S = 2.0           # after the save: marker, barrier, closing the logs, leaving the process group
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 

@@ -217,10 +217,11 @@ def prepare_data(cfg: Config, dist):
                                      vocab_size=cfg.model.vocab_size, iters=cfg.train.iters, seed=cfg.train.seed)
 
 
-def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = None,
-          started: float | None = None) -> int:
+def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = None, stop=None) -> int:
     """The run: 0 when it reached ``train.iters`` (or ``--exit-after-steps``), 75 when a stop request
-    (signal, time limit) ended it early with a checkpoint of the step it stopped at."""
+    (signal, time limit) ended it early with a checkpoint of the step it stopped at. ``stop``: the
+    :class:`~megatron_l2e.stopping.StopRequests` installed by ``main`` at start-up (a signal during
+    start-up is honoured at the first step boundary); None installs one here."""
     from megatron_l2e import engine as eng
     from megatron_l2e.checkpoint import Checkpointer, client_state, tag_for
     from megatron_l2e.metrics import MetricsLogger
@@ -274,7 +275,8 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
     logger = MetricsLogger(cfg.logging, run_dir, total_steps=cfg.train.iters, start_step=start,
                            active=dist.is_main, config=cfg.to_dict())
     dump_l2e = l2e is not None and os.environ.get(DUMP_L2E_ENV, "") not in ("", "0")
-    stop = StopRequests.install(cfg.train.walltime, start=started)
+    own_stop = stop is None
+    stop = stop or StopRequests.install(cfg.train.walltime)
 
     def save(step: int, full: bool | None = None) -> None:
         """Pythia's extra steps → a weights-only folder (hf_step<N>); interval/final saves → a full
@@ -339,7 +341,8 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
             if leave:
                 break
     finally:
-        stop.uninstall()
+        if own_stop:
+            stop.uninstall()
     logger.close()
     if dist.is_main and status == 0:
         print(f"[megatron-l2e] done at step {step}; run folder {run_dir}", flush=True)
@@ -452,7 +455,13 @@ def main(argv=None) -> int:
         if args.dry_run:
             print(dry_run_report(cfg))
             return 0
-        return train(cfg, resume=args.resume, exit_after=args.exit_after_steps, started=_process_start())
+        from megatron_l2e.stopping import StopRequests
+
+        stop = StopRequests.install(cfg.train.walltime, start=_process_start())   # before any slow start-up
+        try:
+            return train(cfg, resume=args.resume, exit_after=args.exit_after_steps, stop=stop)
+        finally:
+            stop.uninstall()
     except _user_errors() as exc:
         for line in str(exc).splitlines():
             print(f"error: {_rank_prefix()}{line}", file=sys.stderr, flush=True)

@@ -118,7 +118,7 @@ def test_walltime_stops_with_a_checkpoint_before_the_limit(tiny_data, tmp_path):
     saved_at = (run / "checkpoints/latest").stat().st_mtime
     assert saved_at <= t0 + limit + step_s, (saved_at - t0, step_s)
     assert took <= limit + 5, took                            # the process is gone too (start-up counted)
-    assert "stop request (walltime)" in p.stdout and int(tag.removeprefix("global_step")) > 8, (tag, steps)
+    assert "stop request (walltime)" in p.stdout and int(tag.removeprefix("global_step")) >= 2, (tag, steps)
 
 
 def test_resume_with_another_model_is_one_line(straight):
@@ -177,7 +177,8 @@ def test_walltime_arithmetic_and_slurm_deadline(monkeypatch):
     edge = 100.0 - 3.0 - 2.0 - EXIT_ALLOWANCE_S                              # slowest step + slowest save
     assert not s.out_of_time(now=edge) and s.out_of_time(now=edge + 0.01)
     s.save_seconds = None                                                    # before the first save: a guess
-    assert s.out_of_time(now=100.0 - 3.0 - 30.0 - EXIT_ALLOWANCE_S + 0.01)
+    assert s.out_of_time(now=100.0 - 3.0 - 30.0 - EXIT_ALLOWANCE_S + 0.01)   # 10 × the slowest step
+    assert not s.out_of_time(now=100.0 - 3.0 - 30.0 - EXIT_ALLOWANCE_S - 0.01)
     assert s.agreed() == "walltime" or not s.out_of_time()
 
 

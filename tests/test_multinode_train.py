@@ -223,7 +223,7 @@ def test_ranks_that_resolve_different_checkpoints_stop_within_seconds(runs):
         assert line == (f"error: [rank {r}/2] the ranks resolved different checkpoints to resume from — rank 0: "
                         f"{ck / 'global_step4'}; rank 1: {ck / 'global_step8'}; make every rank see the same "
                         f"output.dir (or pass the same --resume PATH)"), err[-3000:]
-    assert took <= 60, took                              # start-up of two processes included; seconds, not 30 min
+    assert took <= 30, took                              # start-up of two processes included; seconds, not 30 min
 
 
 def test_output_dir_that_is_not_shared_stops_within_seconds(runs, tmp_path):
@@ -240,10 +240,11 @@ def test_output_dir_that_is_not_shared_stops_within_seconds(runs, tmp_path):
         assert line == (f"error: [rank {r}/2] output.dir rel-run is not shared between ranks (rank 1 cannot see the "
                         f"files rank 0 writes there): put output.dir on a shared file system, or set "
                         f"checkpoint.node_local: true"), err[-3000:]
-    assert took <= 60, took
+    assert took <= 30, took
     assert not (cwds[0] / "rel-run/checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_node_local_output_dirs_each_get_their_latest(runs, tmp_path):
     """checkpoint.node_local: each node's lowest rank writes `latest` (and the checkpoint's config) into its
     own output.dir; the shards stay where each rank wrote them (the user gathers them to resume elsewhere)."""

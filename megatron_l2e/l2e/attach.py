@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 
 from .config import L2EConfig, resolve_layers
