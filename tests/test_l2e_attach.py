@@ -386,5 +386,5 @@ def test_one_packed_all_reduce_per_step_over_all_sites():
     for x in batches(3):
         train_step(model, l2e, [x[:2], x[2:]])
     l2e.step_end(applied=False)                  # a skipped step runs no collective
-    per_site = 2 * n + 8                         # sum_d, sum_d2, 8 scalars
+    per_site = 2 * n + 9                         # sum_d, sum_d2, 9 scalars
     assert seen == [(torch.float64, len(l2e.sites) * per_site)] + [(torch.float32, len(l2e.sites) * per_site)] * 2

@@ -347,3 +347,55 @@ def test_paper_presets(size):
         assert cfg.l2e.penalty_per_samples == PYTHIA_MICRO[size], f.name
         assert (cfg.l2e.threshold_update, cfg.l2e.layers in ("mid2", "mid_third", "top_bottom")) == ("step", True)
         assert cfg.decay_iters == 143_000 and cfg.train.iters == 14_300
+
+
+# ----------------------------------------------------------------------------------------------
+# inhibition: decorrelation (Yan et al.'s counter-hypothesis, per sample)
+# ----------------------------------------------------------------------------------------------
+
+def test_decorrelation_value_against_numpy_and_gradient_against_naive_autograd():
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(6, 6, generator=g)                        # correlated features
+    z = (torch.randn(3, 20, 6, generator=g, dtype=torch.float64) @ mix.double()).requires_grad_(True)
+    got = F.decorrelation(z, eps=0.0)
+    for b in range(3):
+        c = np.corrcoef(z[b].detach().numpy().T)
+        want = (c[~np.eye(6, dtype=bool)] ** 2).mean()
+        assert got[b].item() == pytest.approx(want, rel=1e-10)
+    w = torch.randn(3, dtype=torch.float64, generator=g)
+    (gz,) = torch.autograd.grad((got * w).sum(), z)
+    naive = sum(wb * ((torch.corrcoef(z[b].T) * (1 - torch.eye(6, dtype=torch.float64))) ** 2).sum() / 30
+                for b, wb in enumerate(w))
+    (gn,) = torch.autograd.grad(naive, z)
+    torch.testing.assert_close(gz, gn, rtol=1e-8, atol=1e-12)
+    assert F.decorrelation(torch.randn(2, 50, 4, generator=g) @ torch.eye(4)).max() < 0.1    # ~independent
+
+
+@pytest.mark.parametrize("layout", [[[4, 4]], [[4], [4]], [[2, 2], [2, 2]]], ids=["2x4", "4|4", "2+2|2+2"])
+def test_decorrelation_is_layout_invariant_and_logged(layout):
+    """1 rank × 1 micro-batch of 8 == the same step at any (accumulation, data-parallel) layout."""
+    cfg = L2EConfig(enabled=True, inhibition="decorrelation", lam=0.3, layers=[1, 2])
+    ref_model, our_model = tiny_model(seed=5), tiny_model(seed=5)
+    ref = L2E.attach(ref_model, cfg, global_batch_size=8, loss_multiplier=1.0)
+    ours = L2E.attach(our_model, cfg, global_batch_size=8, loss_multiplier=float(len(layout[0]) * len(layout)))
+    opt_r = torch.optim.SGD(ref_model.parameters(), lr=0.5)
+    opt_o = torch.optim.SGD(our_model.parameters(), lr=0.5)
+    for x in batches(3, 8, seed=11):
+        g_ref = _ours_step(ref_model, ref, x, [[8]], opt_r)
+        g_our = _ours_step(our_model, ours, x, layout, opt_o)
+        for k in g_ref:
+            scale = g_ref[k].abs().max().item()
+            torch.testing.assert_close(g_our[k], g_ref[k], rtol=1e-4, atol=1e-5 * scale + 1e-7, msg=k)
+    m = ours.metrics()
+    assert 0 < m["l2e/layer1/decorrelation"] < 1
+    assert m["l2e/layer1/penalty"] == pytest.approx(0.3 * 8 * m["l2e/layer1/decorrelation"], rel=1e-5)
+    assert m == pytest.approx(ref.metrics(), rel=1e-5)
+    # the term reaches the parameters below the sites: λ = 0 gives other gradients there
+    x = batches(1, 8, seed=12)[0]
+    grads_at = {}
+    for lam in (0.0, 0.3):
+        model = tiny_model(seed=5)
+        l2e = L2E.attach(model, dataclasses.replace(cfg, lam=lam), global_batch_size=8)
+        grads_at[lam] = _ours_step(model, l2e, x, [[8]], torch.optim.SGD(model.parameters(), lr=0.0))
+    key = "gpt_neox.layers.0.mlp.dense_4h_to_h.weight"
+    assert not torch.allclose(grads_at[0.0][key], grads_at[0.3][key])

@@ -15,8 +15,10 @@ class L2EConfig:
 
     enabled: bool = False
     # regularizer: L2E eq. 5 | reverse_deactivation: MEmeL | dropout: random drop at the sites
-    # (a control) | none: monitor only (statistics, tau, telemetry; no effect on training).
-    inhibition: Literal["regularizer", "reverse_deactivation", "dropout", "none"] = "regularizer"
+    # (a control) | none: monitor only (statistics, tau, telemetry; no effect on training) |
+    # decorrelation: Yan et al.'s counter-hypothesis, λ·Σ_samples mean_{i≠j} C_ij² of the site's
+    # per-sample feature correlation (encourages monosemanticity; ignores the selection).
+    inhibition: Literal["regularizer", "reverse_deactivation", "dropout", "none", "decorrelation"] = "regularizer"
     # threshold: L2E's moving threshold (eq. 6) | topk: exact per-sample top-k (No-Thr, MEmeL).
     selection: Literal["threshold", "topk"] = "threshold"
     # Eq. 6 "for each incoming batch": step = once per optimizer step with the global batch's mean

@@ -27,6 +27,7 @@ __all__ = [
     "ms_penalty",
     "ms_penalty_grad",
     "reverse_deactivation",
+    "decorrelation",
 ]
 
 
@@ -198,3 +199,26 @@ def reverse_deactivation(z: Tensor, mean: Tensor, var: Tensor, thr, delta: float
     counts = mask.reshape(mask.shape[0], -1).sum(1)
     return z_out, counts
 
+
+
+def decorrelation(z: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-sample feature decorrelation (after Yan et al., EMNLP 2024): ``[B, S, H]`` → ``[B]``.
+
+    For sample b, C_b is the correlation matrix of its H features over its S tokens (each feature
+    centred and scaled by its standard deviation over the tokens; ``eps`` floors the variance of a
+    constant feature), and the term is the mean squared off-diagonal correlation,
+    ``d_b = mean_{i≠j} C_b[i, j]²`` ∈ [0, 1]. Summed over samples it adds up over micro-batches and
+    data-parallel ranks like eq. 5. Yan et al.'s released code differs (docs/l2e.md): it penalises
+    the Gram matrix of absolute MLP activations ACROSS the samples of a batch at the last token.
+    """
+    if z.dim() != 3:
+        raise ValueError(f"decorrelation expects [B, S, H], got {list(z.shape)}")
+    B, S, H = z.shape
+    if H < 2:
+        return torch.zeros(B, dtype=_acc_dtype(z), device=z.device)
+    x = z.to(_acc_dtype(z))
+    xc = x - x.mean(dim=1, keepdim=True)
+    xn = xc * torch.rsqrt(xc.square().mean(dim=1, keepdim=True) + eps)      # [B, S, H], unit variance
+    corr = torch.bmm(xn.transpose(1, 2), xn) / S                             # [B, H, H]
+    off = corr.square().sum(dim=(1, 2)) - corr.diagonal(dim1=1, dim2=2).square().sum(dim=1)
+    return off / (H * (H - 1))

@@ -35,7 +35,7 @@ from . import kernels
 from .config import L2EConfig
 
 # Scalars per site at the end of the packed vector (after sum_d[N], sum_d2[N]).
-_TAIL = ("samples", "selected", "kth_sum", "kth_n", "penalty", "gpen_sq", "glm_sq", "phi_sum")
+_TAIL = ("samples", "selected", "kth_sum", "kth_n", "penalty", "gpen_sq", "glm_sq", "phi_sum", "decorrelation")
 # fp32 suffices: the vectors are fp32 sums anyway; the integer counts are exact below 2^24 and,
 # above (a 2.8B global batch selects ~2·10^7 elements per site), rounded to 6e-8 relative, which
 # moves eq. 6's tau by < 1e-9 — "to fp32 rounding", like everything else in the merged state.
@@ -155,7 +155,7 @@ class L2ESite:
         """Process one training micro-batch ``z`` ``[B, *neurons]``; returns the replacement output or None."""
         cfg = self.cfg
         recompute = in_backward_recompute()
-        if cfg.inhibition in ("regularizer", "reverse_deactivation") and not torch.is_grad_enabled() \
+        if cfg.inhibition in ("regularizer", "reverse_deactivation", "decorrelation") and not torch.is_grad_enabled() \
                 and not recompute:
             raise RuntimeError(
                 f"L2E site at block {self.layer}: a training-mode forward ran without autograd, so the "
@@ -203,6 +203,9 @@ class L2ESite:
             result = out.z_out          # Reverse Deactivation's output, or the fused penalty's view of z
         elif cfg.inhibition == "dropout":
             result = nnF.dropout(z, p=cfg.dropout_p, training=True)
+        # Decorrelation needs no statistics and no selection: every training micro-batch, from step 0.
+        # A recompute repeats the same autograd operations (same saved tensors) but adds nothing.
+        decor = F.decorrelation(z, cfg.eps) if cfg.inhibition == "decorrelation" else None
 
         if not recompute:
             if self.count == 0:   # no shift yet: exact first-step sums (see PACK_DTYPE)
@@ -215,6 +218,11 @@ class L2ESite:
                 self._mb = (counts.item() if counts.device.type == "cpu" else counts.to(torch.float64), B)
             if out.loss is not None:
                 self._pending.append(out.loss)
+            if decor is not None:
+                term = self.lam * decor.sum()
+                self._pending.append(term)
+                self._acc.add("penalty", term.detach())
+                self._acc.add("decorrelation", decor.detach().sum())
             if split_views:
                 z_pen.register_hook(lambda g: self._acc.add("gpen_sq", g.float().square().sum()))
                 result.register_hook(lambda g: self._acc.add("glm_sq", g.float().square().sum()))
@@ -289,10 +297,12 @@ class L2ESite:
 
         m = {"tau": float(self.tau),
              "selected_frac": selected / (samples * n) if samples and n else 0.0}
-        if cfg.inhibition == "regularizer":
+        if cfg.inhibition in ("regularizer", "decorrelation"):
             m["penalty"] = tail["penalty"]
-            if measured and tail["glm_sq"] > 0:
-                m["grad_ratio"] = math.sqrt(tail["gpen_sq"] / tail["glm_sq"])
+        if cfg.inhibition == "regularizer" and measured and tail["glm_sq"] > 0:
+            m["grad_ratio"] = math.sqrt(tail["gpen_sq"] / tail["glm_sq"])
+        if cfg.inhibition == "decorrelation" and samples:
+            m["decorrelation"] = tail["decorrelation"] / samples     # mean over the global batch, without λ
         if measured and selected > 0:
             m["phi_selected"] = tail["phi_sum"] / selected
         self._metrics = m
