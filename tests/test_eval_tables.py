@@ -296,3 +296,200 @@ def test_bad_input_one_line_exit_2(runs, tmp_path, make_args, message):
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds: NAME=DIR of seed<S>/ folders → mean ± 95 % t half-width, ↑ intervals, paired p-values
+# ----------------------------------------------------------------------------------------------
+
+# run → seed → shots → (ARC-C, PIQA, SciQ); known per-seed values, spread unevenly on purpose
+SEEDED = {
+    "Baseline": {1: {0: (0.1706, 0.5887, 0.6430), 5: (0.1800, 0.5900, 0.7000)},
+                 2: {0: (0.1750, 0.5800, 0.6500), 5: (0.1790, 0.5950, 0.6900)},
+                 3: {0: (0.1690, 0.5950, 0.6350), 5: (0.1850, 0.5870, 0.7100)},
+                 4: {0: (0.1720, 0.5910, 0.6420), 5: (0.1760, 0.5990, 0.6950)}},
+    "L2E": {1: {0: (0.1877, 0.5963, 0.6510), 5: (0.1900, 0.6000, 0.7491)},
+            2: {0: (0.1800, 0.5850, 0.6600), 5: (0.1850, 0.6100, 0.7200)},
+            3: {0: (0.1830, 0.6010, 0.6390), 5: (0.1950, 0.5900, 0.7300)},
+            4: {0: (0.1790, 0.5990, 0.6480), 5: (0.1800, 0.6050, 0.7050)}},
+    "Dropout": {1: {0: (0.1689, 0.5850, 0.6428), 5: (0.1806, 0.5912, 0.7041)},
+                2: {0: (0.1700, 0.5900, 0.6400), 5: (0.1770, 0.5930, 0.6880)},
+                3: {0: (0.1650, 0.5920, 0.6300), 5: (0.1880, 0.5850, 0.7000)},
+                4: {0: (0.1710, 0.5830, 0.6450), 5: (0.1790, 0.5960, 0.6990)}},
+}
+
+
+def write_seeded(root: Path, runs: dict = SEEDED, seeds=None) -> dict[str, Path]:
+    """DIR/seed<S>/eval/global_step30/results_<k>shot.json per run, as tools/sweep.py lays them out."""
+    out = {}
+    for name, by_seed in runs.items():
+        d = root / name
+        for seed, by_shots in by_seed.items():
+            if seeds is not None and seed not in seeds:
+                continue
+            for k, accs in by_shots.items():
+                p = d / f"seed{seed}" / "eval" / "global_step30" / f"results_{k}shot.json"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text(json.dumps(lm_eval_json(k, dict(zip(TASKS, accs)))))
+            (d / f"seed{seed}" / "metrics.json").write_text("{}")
+        out[name] = d
+    return out
+
+
+def scipy_interval(x) -> tuple[float, float]:
+    """(mean, half-width) from scipy's own t interval (not our formula)."""
+    from scipy import stats
+
+    x = np.asarray(x, dtype=float)
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    return float(x.mean()), float((hi - lo) / 2)
+
+
+def md_rows(text: str) -> tuple[list[str], dict[str, dict[str, str]], list[str]]:
+    """A seeded Markdown table: header, rows by name, and the legend lines after the blank line."""
+    table, _, legend = text.strip().partition("\n\n")
+    header, rows = parse_markdown(table)
+    return header, rows, legend.splitlines()
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_seeds_means_half_widths_up_p_equal_scipy(tmp_path, paired):
+    from scipy import stats
+
+    from megatron_l2e.tables import load_spec, make_table, seed_stats, task_label
+
+    dirs = write_seeded(tmp_path)
+    runs = [load_spec(n, [d]) for n, d in dirs.items()]
+    got = seed_stats(runs, "Baseline", paired=paired)
+    text = make_table([f"{n}={d}" for n, d in dirs.items()], paired=paired)
+    header, rows, legend = md_rows(text)
+    for k in (0, 5):
+        base = np.array([SEEDED["Baseline"][s][k] for s in sorted(SEEDED["Baseline"])])   # seeds × tasks
+        for name in SEEDED:
+            x = np.array([SEEDED[name][s][k] for s in sorted(SEEDED[name])])
+            cell = got[name][k]
+            for j, t in enumerate(TASKS):
+                mean, hw = scipy_interval(x[:, j])
+                iv = cell["acc"][t]
+                assert iv.n == 4
+                assert iv.mean == pytest.approx(mean, abs=1e-6) and iv.half_width == pytest.approx(hw, abs=1e-6)
+                assert rows[name][f"{task_label(t)} {k}-shot"] == f"{mean:.4f} ± {hw:.4f}"
+            if name == "Baseline":
+                assert cell["up"] is None and rows[name][f"↑ {k}-shot"] == "–"
+                continue
+            ups = x.mean(axis=1) / (base.mean(axis=1) if paired else base.mean()) - 1   # per seed
+            mean, hw = scipy_interval(ups)
+            assert cell["up"].mean == pytest.approx(mean, abs=1e-6)
+            assert cell["up"].half_width == pytest.approx(hw, abs=1e-6)
+            assert rows[name][f"↑ {k}-shot"] == f"{round(100 * mean, 1):+.1f}% ± {round(100 * hw, 1):.1f}%"
+            if paired:
+                p = stats.ttest_rel(x.mean(axis=1), base.mean(axis=1)).pvalue
+                assert cell["p"] == pytest.approx(p, abs=1e-6)
+                assert rows[name][f"p {k}-shot"] == f"{p:.4f}"
+            else:
+                assert cell["p"] is None and f"p {k}-shot" not in header
+    assert header[:2] == ["Run", "Seeds"] and {r["Seeds"] for r in rows.values()} == {"4"}
+    assert len(legend) == 1 and "95 % confidence half-width" in legend[0] and "Student t" in legend[0]
+    assert ("same seed's baseline" in legend[0] and "ttest_rel" in legend[0]) if paired else \
+        ("baseline's mean over its seeds" in legend[0] and "ttest_rel" not in legend[0])
+
+
+def test_seeds_p_value_matches_a_hand_example():
+    """Known values: differences 0.01, 0.02, 0.03 → t = 3.4641, df 2, p = 0.0742 (two-sided)."""
+    from scipy import stats
+
+    from megatron_l2e.tables import fmt_p, paired_p, t_interval
+
+    row, base = [0.51, 0.52, 0.53], [0.50, 0.50, 0.50]
+    assert paired_p(row, base) == pytest.approx(stats.ttest_rel(row, base).pvalue, abs=1e-12)
+    assert paired_p(row, base) == pytest.approx(0.07417990022744847, abs=1e-6)
+    iv = t_interval([1.0, 2.0, 3.0])                        # s = 1, t(0.975, 2) = 4.302653
+    assert (iv.mean, iv.n) == (2.0, 3) and iv.half_width == pytest.approx(4.302652729911275 / np.sqrt(3), abs=1e-9)
+    assert t_interval([0.25]).half_width is None and paired_p([0.5], [0.4]) is None
+    assert paired_p([0.5, 0.6], [0.5, 0.6]) is None          # all differences 0: undefined, n/a
+    assert (fmt_p(0.0742), fmt_p(0.00001), fmt_p(None)) == ("0.0742", "<0.0001", "n/a")
+
+
+def test_seeds_csv_splits_mean_and_half_width(tmp_path):
+    from megatron_l2e.tables import make_table
+
+    dirs = write_seeded(tmp_path)
+    out = list(csv.reader(io.StringIO(make_table([f"{n}={d}" for n, d in dirs.items()], as_csv=True, paired=True))))
+    header = out[0]
+    assert header[:8] == ["Run", "Seeds", "ARC-C 0-shot", "ARC-C 0-shot ±", "PIQA 0-shot", "PIQA 0-shot ±",
+                          "SciQ 0-shot", "SciQ 0-shot ±"]
+    assert header[8:11] == ["↑ 0-shot", "↑ 0-shot ±", "p 0-shot"]
+    rows = {r[0]: dict(zip(header, r)) for r in out[1:]}
+    mean, hw = scipy_interval([SEEDED["L2E"][s][0][0] for s in range(1, 5)])
+    assert (rows["L2E"]["ARC-C 0-shot"], rows["L2E"]["ARC-C 0-shot ±"]) == (f"{mean:.4f}", f"{hw:.4f}")
+    assert rows["Baseline"]["↑ 0-shot"] == "–" and rows["Baseline"]["↑ 0-shot ±"] == ""
+    assert rows["L2E"]["↑ 0-shot"].startswith(("+", "-")) and rows["L2E"]["↑ 0-shot ±"].endswith("%")
+    assert len(out) == 4                                        # no legend in CSV
+
+
+def test_one_seed_prints_todays_table(tmp_path, runs):
+    """seed1/ folders only (and --paired with one seed) print exactly the table of plain run folders."""
+    from megatron_l2e.tables import make_table
+
+    methods = list(TABLE1["70M"])
+    plain = [f"{m}={runs[('70M', m)]}" for m in methods]
+    seeded = []
+    for m in methods:
+        d = tmp_path / "one-seed" / m
+        d.mkdir(parents=True)
+        (d / "seed7").symlink_to(runs[("70M", m)], target_is_directory=True)
+        seeded.append(f"{m}={d}")
+    for kw in ({}, {"as_csv": True}, {"paired": True}):
+        assert make_table(seeded, **kw) == make_table(plain, **kw)
+    assert "±" not in make_table(seeded) and "Seeds" not in make_table(seeded)
+    assert make_table([f"70M/{s}" for s in seeded], layout="scales") == make_table([f"70M/{s}" for s in plain],
+                                                                                  layout="scales")
+
+
+def test_seeds_mixed_rows_and_missing_tasks(tmp_path):
+    """A plain row among seeded ones counts as one seed (no ±); a seeded row lacking a task gives n/a."""
+    from megatron_l2e.tables import make_table
+
+    dirs = write_seeded(tmp_path)
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(lm_eval_json(0, {"arc_challenge": 0.2, "piqa": 0.6, "sciq": 0.65})))
+    text = make_table([f"Baseline={dirs['Baseline']}", f"P={plain}", f"L2E={dirs['L2E']}"])
+    _, rows, _ = md_rows(text)
+    base0 = np.array([SEEDED["Baseline"][s][0] for s in range(1, 5)]).mean()
+    assert rows["P"]["Seeds"] == "1" and rows["P"]["ARC-C 0-shot"] == "0.2000"
+    assert rows["P"]["↑ 0-shot"] == f"{round(100 * ((0.2 + 0.6 + 0.65) / 3 / base0 - 1), 1):+.1f}%"
+    assert rows["P"]["ARC-C 5-shot"] == "–" and rows["P"]["↑ 5-shot"] == "n/a"
+
+
+def _table_main(capsys, *args: str) -> tuple[int, str, str]:
+    from megatron_l2e.tables import main
+
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_seeds_errors_one_line_exit_2(tmp_path, capsys):
+    dirs = write_seeded(tmp_path / "a")
+    three = write_seeded(tmp_path / "b", seeds={1, 2, 3})
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(lm_eval_json(0, {"arc_challenge": 0.2})))
+    lacking = write_seeded(tmp_path / "c", {"L": {1: SEEDED["L2E"][1], 2: {0: SEEDED["L2E"][2][0]}}})["L"]
+    (dirs["Dropout"] / "results_0shot.json").write_text(plain.read_text())   # results outside seed<S>/
+    cases = [
+        (["--paired", f"B={dirs['Baseline']}", f"L={three['L2E']}"],
+         "--paired: L has seeds 1,2,3 but the baseline B has seeds 1,2,3,4"),
+        (["--paired", f"B={dirs['Baseline']}", f"P={plain}"], "--paired: P has no seed folders but the baseline B"),
+        ([f"B={dirs['Baseline']},{plain}"], "must be the only PATH"),
+        ([f"L={lacking}"], "L: L/seed2 has no arc_challenge 5-shot result, L/seed1 has one"),
+        ([f"D={dirs['Dropout']}"], "holds results both in seed<S>/ folders and outside them"),
+        (["--layout", "scales", f"70M/B={dirs['Baseline']}", f"70M/L={dirs['L2E']}"],
+         "--layout scales takes one seed per run (70M/B has 4 seed folders)"),
+    ]
+    for args, message in cases:
+        rc, out, err = _table_main(capsys, *args)
+        lines = err.strip().splitlines()
+        assert rc == 2 and out == "" and len(lines) == 1 and message in lines[0], (args, err)
+    # the same through the CLI (a real process): exit status and one line
+    res = make_table_cli(*cases[0][0])
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {cases[0][1]}"
