@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned: the local CPU wheel (never a multi-GB CUDA build on a CPU machine).
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv smoke test test-slow test-gpu test-multinode smoke-gpu image bench-l2e bench-data bench-gpu clean
+.PHONY: venv smoke study test test-slow test-gpu test-multinode smoke-gpu image bench-l2e bench-data bench-gpu clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ bench-l2e: venv
 
 bench-data: venv
 	$(PY) tools/bench_data.py
+
+# The small-scale study (docs/study.md): ~7 variants × 3 seeds on 2 CPU cores, results under runs/study/.
+study: venv
+	$(PY) tools/study.py --out runs/study
 
 test-slow: venv
 	$(PY) -m pytest -q --durations=15 -m slow tests
