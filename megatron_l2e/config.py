@@ -56,6 +56,8 @@ class ModelConfig:
     init_std: float = 0.02                    # only for init_method: normal
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     checkpoint_activations: bool = True       # non-reentrant (the L2E penalty must keep its gradient)
+    loss_impl: Literal["auto", "fused", "chunked", "reference"] = "auto"  # LM loss path (megatron_l2e/loss.py)
+    loss_chunk_size: int = 1024               # chunked: tokens per chunk (one [chunk, vocab] fp32 buffer)
     bos_token_id: int = 0
     eos_token_id: int = 0
 
@@ -72,6 +74,8 @@ class ModelConfig:
         for k in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, k) < 1.0:
                 e.append((k, f"must lie in [0, 1), got {getattr(self, k)}"))
+        if self.loss_chunk_size < 1:
+            e.append(("loss_chunk_size", f"must be ≥ 1 token, got {self.loss_chunk_size}"))
         if self.intermediate_size is not None and self.intermediate_size < 1:
             e.append(("intermediate_size", f"must be ≥ 1, got {self.intermediate_size}"))
         return e

@@ -97,6 +97,8 @@ def build_model(cfg: ModelConfig, *, meta: bool = False) -> GPTNeoXForCausalLM:
         model = GPTNeoXForCausalLM(config)
     if not meta:
         pythia_init_(model, cfg)
+    from megatron_l2e.loss import install_loss_head
+    install_loss_head(model, cfg.loss_impl, cfg.loss_chunk_size)   # lm_head computes the loss itself
     return model
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from megatron_l2e.config import Config, ConfigError, load_config
 
@@ -93,6 +92,17 @@ def dry_run_report(cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def check_loss_impl(cfg: Config, device: torch.device) -> str:
+    """The LM loss path this run takes on ``device`` (a ConfigError where ``model.loss_impl`` cannot run)."""
+    from megatron_l2e.loss import LossImplError, resolve_loss_impl
+
+    try:
+        impl = resolve_loss_impl(cfg.model.loss_impl, device)
+    except LossImplError as exc:
+        raise ConfigError([str(exc)]) from None
+    return f"{impl} ({cfg.model.loss_chunk_size}-token chunks)" if impl == "chunked" else impl
+
+
 def check_output_dir(path: str) -> Path:
     from megatron_l2e.engine import LaunchError
 
@@ -127,10 +137,11 @@ class StepResult:
 
 
 def lm_loss_of(model, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of rows ``[mb, S+1]``: inputs row[:-1], labels row[1:]."""
-    inputs, labels = batch[:, :-1], batch[:, 1:]
-    logits = model(input_ids=inputs).logits                      # [mb, S, V]
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    """Next-token cross-entropy of rows ``[mb, S+1]``: inputs row[:-1], labels row[1:], through
+    ``model.loss_impl`` (megatron_l2e/loss.py: no [mb, S, V] logits except for ``reference``)."""
+    from megatron_l2e.loss import lm_loss
+
+    return lm_loss(model, batch[:, :-1], batch[:, 1:])
 
 
 def train_step(engine, data, l2e, step: int, layout, dist) -> StepResult:
@@ -246,6 +257,7 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
     data = prepare_data(cfg, dist)
     universal = ckpt.make_universal(resume_path, is_main=ckpt.is_main) if reshard else None
 
+    loss_path = check_loss_impl(cfg, dist.device)     # a fused request without CUDA/liger fails here, one line
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
     if cfg.model.checkpoint_activations:
@@ -268,6 +280,7 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
         where = f"resuming from {resume_path} at step {start}" if resume_path else "starting at step 0"
         print(f"[megatron-l2e] {where}; world size {dist.world_size} ({dist.backend}); {layout.describe()}",
               flush=True)
+        print(f"[megatron-l2e] LM loss: {loss_path}", flush=True)
         if universal is not None:
             print(f"[megatron-l2e] resharded {resume_path.name} from {resumed.client_state.get('dp_world_size')} "
                   f"to {dist.world_size} data-parallel ranks through DeepSpeed's universal checkpoint "
