@@ -373,11 +373,12 @@ def needs_checkpointing(cfg, *, dp: int, **kw) -> tuple[bool, str]:
         return setting, f"model.checkpoint_activations: {str(setting).lower()}"
     p = plan(cfg, dp=dp, **kw)
     plain, ckpt = p.peak(False), p.peak(True)
-    where = f"micro-batch {p.micro_batch}: {fmt_gb(plain)} without checkpointing, usable {fmt_gb(p.usable)}"
     if plain <= p.usable:
-        return False, f"auto: fits without ({where})"
-    note = "" if ckpt <= p.usable else f"; checkpointed {fmt_gb(ckpt)} does not fit either"
-    return True, f"auto: does not fit without ({where}){note}"
+        return False, (f"auto: micro-batch {p.micro_batch} fits without it, {fmt_gb(plain)} of "
+                       f"{fmt_gb(p.usable)} usable")
+    note = "" if ckpt <= p.usable else " — does not fit either way: lower train.micro_batch_size"
+    return True, (f"auto: micro-batch {p.micro_batch} needs it, {fmt_gb(plain)} without, {fmt_gb(ckpt)} with, "
+                  f"of {fmt_gb(p.usable)} usable{note}")
 
 
 def fmt_gb(x: float) -> str:
