@@ -55,7 +55,9 @@ class ModelConfig:
     output_layer_init_method: Literal["wang_init", "small_init", "normal"] = "wang_init"
     init_std: float = 0.02                    # only for init_method: normal
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    checkpoint_activations: bool = True       # non-reentrant (the L2E penalty must keep its gradient)
+    # per block, non-reentrant (the L2E penalty must keep its gradient); auto: only where the memory
+    # plan needs it (the micro-batch does not fit without; megatron_l2e/memory.py)
+    checkpoint_activations: bool | Literal["auto"] = True
     loss_impl: Literal["auto", "fused", "chunked", "reference"] = "auto"  # LM loss path (megatron_l2e/loss.py)
     loss_chunk_size: int = 1024               # chunked: tokens per chunk (one [chunk, vocab] fp32 buffer)
     bos_token_id: int = 0
@@ -288,6 +290,10 @@ class DistributedConfig:
     allgather_bucket_size: int = 500_000_000
     reduce_bucket_size: int = 500_000_000
     overlap_comm: bool = True
+    gpu_memory_gb: float = 80.0               # per-GPU memory the plan fits a run into (--dry-run, auto)
+
+    def validate(self):
+        return [("gpu_memory_gb", f"must be > 0, got {self.gpu_memory_gb}")] if self.gpu_memory_gb <= 0 else []
 
 
 @dataclass

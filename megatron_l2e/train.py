@@ -47,6 +47,7 @@ def dry_run_report(cfg: Config) -> str:
     from megatron_l2e.checkpoint import storage_plan
     from megatron_l2e.engine import BatchLayout, launch_env, lr_at
     from megatron_l2e.l2e.config import resolve_layers
+    from megatron_l2e.memory import report_lines
     from megatron_l2e.model import build_model, count_parameters
 
     _, world, _ = launch_env()
@@ -70,6 +71,7 @@ def dry_run_report(cfg: Config) -> str:
         f"lr at the last step {lr_at(cfg.train.iters - 1, cfg):.3g}",
         *storage_plan(n_params, precision=cfg.train.precision, zero_stage=cfg.distributed.zero_stage,
                       cfg=cfg.checkpoint, train_iters=cfg.train.iters).lines(),
+        *report_lines(cfg, dp=world),   # per GPU of `world` data-parallel GPUs (WORLD_SIZE=8: one node)
     ]
     if cfg.l2e.enabled:
         sites = resolve_layers(cfg.l2e.layers, cfg.model.num_layers)
@@ -260,7 +262,8 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
     loss_path = check_loss_impl(cfg, dist.device)     # a fused request without CUDA/liger fails here, one line
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
-    if cfg.model.checkpoint_activations:
+    checkpointing, checkpointing_why = activation_checkpointing(cfg, dist)
+    if checkpointing:
         enable_activation_checkpointing(model)
     l2e = attach_l2e(model, cfg, layout)
     engine, _, _ = eng.build_engine(model, cfg, dist, layout, load_universal=universal is not None)
@@ -281,6 +284,8 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
         print(f"[megatron-l2e] {where}; world size {dist.world_size} ({dist.backend}); {layout.describe()}",
               flush=True)
         print(f"[megatron-l2e] LM loss: {loss_path}", flush=True)
+        print(f"[megatron-l2e] activation checkpointing {'on' if checkpointing else 'off'} ({checkpointing_why})",
+              flush=True)
         if universal is not None:
             print(f"[megatron-l2e] resharded {resume_path.name} from {resumed.client_state.get('dp_world_size')} "
                   f"to {dist.world_size} data-parallel ranks through DeepSpeed's universal checkpoint "
@@ -412,6 +417,25 @@ def lm_eval_in_training(engine, cfg: Config, dist) -> dict[str, float]:
         scores = in_training_eval(engine.module, tokenizer, cfg.eval)
     barrier()
     return scores
+
+
+def activation_checkpointing(cfg: Config, dist) -> tuple[bool, str]:
+    """``model.checkpoint_activations`` resolved: true/false as given; ``auto`` asks the memory plan
+    whether the micro-batch fits without checkpointing in ``distributed.gpu_memory_gb`` — or in the
+    device's own memory where that is less (on CPU: RAM shared by this node's ranks)."""
+    from megatron_l2e.memory import GB, needs_checkpointing
+
+    if cfg.model.checkpoint_activations != "auto":
+        return needs_checkpointing(cfg, dp=dist.world_size)
+    capacity = cfg.distributed.gpu_memory_gb * GB
+    if dist.device.type == "cuda":
+        capacity = min(capacity, torch.cuda.get_device_properties(dist.device).total_memory)
+    else:
+        import psutil
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        capacity = min(capacity, psutil.virtual_memory().total / max(local, 1))
+    return needs_checkpointing(cfg, dp=dist.world_size, cuda=dist.device.type == "cuda", capacity_bytes=capacity)
 
 
 def attach_l2e(model, cfg: Config, layout):

@@ -41,7 +41,7 @@ import torch
 from megatron_l2e import engine as eng
 from megatron_l2e.config import Config, ConfigError, load_config
 from megatron_l2e.model import build_model, count_parameters, enable_activation_checkpointing
-from megatron_l2e.train import attach_l2e, seed_everything, train_step
+from megatron_l2e.train import activation_checkpointing, attach_l2e, seed_everything, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"70m": "configs/pythia/70m.yml", "410m": "configs/pythia/410m.yml", "2.8b": "configs/pythia/2.8b.yml"}
@@ -169,7 +169,8 @@ def bench_model(name: str, cfg: Config, dist, args) -> dict:
     layout.check()
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
-    if cfg.model.checkpoint_activations:
+    checkpointing = activation_checkpointing(cfg, dist)[0]      # auto: as train.py decides
+    if checkpointing:
         enable_activation_checkpointing(model)
     n_matmul, fpt = flops_per_token(model, cfg)
     n_params = count_parameters(model)
@@ -193,7 +194,7 @@ def bench_model(name: str, cfg: Config, dist, args) -> dict:
            "grad_accum": layout.grad_accum, "global_batch_size": layout.global_batch_size,
            "tokens_per_step": tokens_per_step, "precision": cfg.train.precision,
            "zero_stage": cfg.distributed.zero_stage, "attn_implementation": getattr(engine.module.config, "_attn_implementation", None),
-           "activation_checkpointing": cfg.model.checkpoint_activations,
+           "activation_checkpointing": checkpointing,
            "l2e_layers": cfg.l2e.layers, "l2e_ratio": cfg.l2e.ratio, "modes": {}}
     base = None
     for mr in runs:
