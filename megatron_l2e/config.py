@@ -48,6 +48,7 @@ class ModelConfig:
     use_parallel_residual: bool = True        # gpt-j-residual
     tie_word_embeddings: bool = False         # Pythia: no-weight-tying
     hidden_act: Literal["gelu", "gelu_new", "gelu_pytorch_tanh"] = "gelu"  # tanh approx = bias-gelu-fusion
+    compile: bool = False                     # torch.compile each block's attention + MLP (L2E sites stay eager)
     layer_norm_eps: float = 1e-5
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -591,6 +592,9 @@ def cross_checks(cfg: Config) -> list[tuple[str, str]]:
         if cfg.train.global_batch_size != 1024:
             e.append(("train.global_batch_size", f"data.format pythia_preshuffled replays Pythia's batches of "
                                                  f"1024 rows; got {cfg.train.global_batch_size} (use data.format rows)"))
+    if cfg.model.compile and cfg.distributed.zero_stage == 3:
+        e.append(("model.compile", "tested with ZeRO stages 0-2 only: ZeRO-3 gathers parameters in hooks on every "
+                                   "submodule, which would run inside the compiled attention/MLP"))
     if cfg.eval.interval and cfg.distributed.zero_stage == 3:
         e.append(("eval.interval", "in-training lm-eval needs whole parameters on rank 0; not with ZeRO stage 3"))
     return e

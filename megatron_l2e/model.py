@@ -135,3 +135,19 @@ def enable_activation_checkpointing(model: GPTNeoXForCausalLM) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
+
+
+def compile_blocks(model: GPTNeoXForCausalLM, **compile_kwargs) -> None:
+    """``torch.compile`` the attention and the MLP of every block, in place (``model.compile: true``).
+
+    ``nn.Module.compile`` compiles a module's call without wrapping it (no ``OptimizedModule``, no
+    ``_orig_mod.`` in parameter names), so state_dict keys, checkpoints and the Hugging Face export are
+    those of the eager model. The block itself stays eager: the L2E site is a forward hook on
+    ``gpt_neox.layers[i]`` and sees the same block output a compiled attention/MLP feed into the
+    (eager) residual adds. Blocks share one compiled graph per module class (parameters are graph
+    inputs), so a deep model compiles two graphs, not two per block. Activation checkpointing wraps
+    the block's forward, outside the compiled regions.
+    """
+    for block in model.gpt_neox.layers:
+        block.attention.compile(**compile_kwargs)
+        block.mlp.compile(**compile_kwargs)

@@ -266,6 +266,10 @@ def train(cfg: Config, *, resume: str | None = None, exit_after: int | None = No
     if checkpointing:
         enable_activation_checkpointing(model)
     l2e = attach_l2e(model, cfg, layout)
+    model.config.use_cache = False                    # training never reads a key/value cache
+    if cfg.model.compile:                             # attention + MLP of every block; L2E hooks stay eager
+        from megatron_l2e.model import compile_blocks
+        compile_blocks(model)
     engine, _, _ = eng.build_engine(model, cfg, dist, layout, load_universal=universal is not None)
 
     start = 0

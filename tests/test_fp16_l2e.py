@@ -351,3 +351,61 @@ def test_real_deepspeed_overflow_skip_keeps_l2e_in_step(precision, zero_stage, d
     site = state_a["sites"]["0"]
     assert site["optimizer_steps"] == 5 and site["scored_steps"] == 4 and site["tau"] > 0
     assert res_a[-1].penalty != 0.0                           # the regularizer was live on the last step
+
+
+# ----------------------------------------------------------------------------------------------
+# Penalty survival: how much of the penalty's gradient the training precision keeps
+# ----------------------------------------------------------------------------------------------
+
+def _survival_run(cfg, dist, data, steps: int) -> list[dict[str, float]]:
+    """The training loop's own step on a real DeepSpeed engine, every step measured; metrics per step."""
+    from megatron_l2e import engine as eng
+    from megatron_l2e.model import build_model
+    from megatron_l2e.train import attach_l2e, seed_everything, train_step
+
+    layout = eng.BatchLayout(cfg.train.global_batch_size, cfg.train.micro_batch_size, dist.world_size)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model)
+    l2e = attach_l2e(model, cfg, layout)
+    engine, _, _ = eng.build_engine(model, cfg, dist, layout)
+    out = []
+    for s in range(steps):
+        l2e.set_measure_grad_ratio(True)
+        assert train_step(engine, data, l2e, s, layout, dist).applied
+        out.append(l2e.metrics())
+    return out
+
+
+@pytest.mark.parametrize("precision,lam,survives", [
+    ("bf16", 1.0e-3, True),     # grad_ratio ~0.3: the penalty's gradient arrives
+    ("bf16", 1.0e-10, False),   # grad_ratio ~1e-7: below bf16's half-ulp of the LM gradient, rounded away
+    ("fp32", 1.0e-10, True),    # the same ratio in fp32 (half-ulp 6e-8 relative): it arrives
+])
+def test_penalty_survival_real_deepspeed(precision, lam, survives, ds_world, tiny_data, tmp_path):
+    """DeepSpeed ZeRO-1 on CPU, the loop's own train_step: ``penalty_survival`` ≈ 1 where the penalty's
+    gradient is large enough to change the training-precision sum, ≈ 0 where it rounds away. (Between
+    the two it is partial and set by the few selected elements whose LM gradient is small: λ 1e-8,
+    grad_ratio ~1e-5 here, survives ~0.15–0.2 in bf16.)"""
+    from conftest import tiny_run_yaml
+
+    from megatron_l2e.config import load_config
+    from megatron_l2e.train import prepare_data
+
+    yml = tmp_path / "run.yml"
+    yml.write_text(tiny_run_yaml(
+        tiny_data, tmp_path / "out", distributed="{zero_stage: 1}",
+        l2e=f"{{enabled: true, layers: [0, 1], ratio: 0.05, lam: {lam}, warmup_steps: 1, late_start: 1}}",
+        train=f"{{iters: 8, global_batch_size: 8, micro_batch_size: 4, precision: {precision}}}"))
+    cfg = load_config(yml)
+    metrics = _survival_run(cfg, ds_world, prepare_data(cfg, ds_world), steps=4)
+    scored = [m for m in metrics if "l2e/layer0/penalty_survival" in m]
+    assert len(scored) >= 2                          # late start 1, count ≥ 2: steps 2 and 3 (0-based 1, 2, 3)
+    for m in scored:
+        for i in (0, 1):
+            ratio, surv = m[f"l2e/layer{i}/grad_ratio"], m[f"l2e/layer{i}/penalty_survival"]
+            print(precision, lam, i, f"grad_ratio {ratio:.3g} survival {surv:.4f}")
+            assert (1e-2 < ratio < 1.0) if lam > 1e-5 else (1e-9 < ratio < 1e-6), ratio
+            if survives:
+                assert 0.9 < surv < 1.1, surv
+            else:
+                assert surv < 0.05, surv

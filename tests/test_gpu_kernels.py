@@ -119,3 +119,107 @@ def test_kth_score_cuda_matches_reference(dtype_name):
     for backend in _fast_backends(kernels):
         got = kernels.kth_score(z, mean, var, k, compensation=0.01, backend=backend)
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+
+
+def _penalty_backward_cuda(kernels, z0, mean, var, thr, shift, *, keep_incoming: bool = False):
+    """The fused penalty on a CUDA z with a downstream consumer (``z_out · w``): returns z's gradient,
+    whether the backward wrote it into z_out's incoming gradient (same storage), and — with
+    ``keep_incoming`` — a hook's reference to that incoming gradient and a copy taken at the time."""
+    import torch
+
+    x = z0.detach().clone().requires_grad_(True)
+    z = x * 1.0                                   # non-leaf: its gradient is what z's producer receives
+    w = torch.randn(z0.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)).to(z0.dtype)
+    out = kernels.site_forward(z, mean, var, thr, shift, mode="penalty", compensation=0.01, lam=1e-2, eps=1e-6,
+                               backend="auto")
+    ptr, kept = {}, []
+    out.z_out.register_hook(lambda g: ptr.__setitem__("in", g.data_ptr()))
+    if keep_incoming:
+        out.z_out.register_hook(lambda g: kept.extend((g, g.clone())))
+    grad = {}
+    z.register_hook(lambda g: grad.update(z=g.clone(), ptr=g.data_ptr()))
+    ((out.z_out * w).sum() + out.loss).backward()   # MulBackward hands over a gradient autograd alone holds
+    torch.cuda.synchronize()
+    return grad["z"], ptr["in"] == grad["ptr"], kept
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_inplace_grad_cuda(dtype_name, monkeypatch):
+    """Proves the in-place gradient add on CUDA — the evidence for the opt-in ``MEGATRON_L2E_INPLACE_GRAD=cuda``
+    (docs/kernels.md): without the opt-in CUDA adds out of place; with it, the backward writes into the
+    incoming gradient exactly when autograd alone holds it (not when a hook kept it: that tensor stays
+    unchanged), and the bits equal the out-of-place add's."""
+    import torch
+
+    from megatron_l2e.l2e import kernels
+    from megatron_l2e.l2e.kernels import fused
+
+    z0, mean, var, shift = _inputs(dtype_name, B=2, S=512, H=512)
+    thr = _thresholds(kernels, z0, mean, var)
+    monkeypatch.delenv(fused.INPLACE_ENV, raising=False)
+    g_default, in_place, _ = _penalty_backward_cuda(kernels, z0, mean, var, thr, shift)
+    assert not in_place                           # CUDA is not on the default allow-list
+    monkeypatch.setenv(fused.INPLACE_ENV, "cuda")
+    g_in, in_place, _ = _penalty_backward_cuda(kernels, z0, mean, var, thr, shift)
+    assert in_place                               # the opt-in takes the in-place path ...
+    assert torch.equal(g_in, g_default)           # ... with the out-of-place bits
+    g_kept, in_place, kept = _penalty_backward_cuda(kernels, z0, mean, var, thr, shift, keep_incoming=True)
+    assert not in_place and torch.equal(kept[0], kept[1])   # a gradient a hook holds is never written
+    assert torch.equal(g_kept, g_default)
+
+
+def test_inplace_grad_cuda_in_a_model(monkeypatch):
+    """A tiny GPT-NeoX on CUDA with L2E (regularizer, threshold phase reached): with the opt-in every
+    fused penalty backward ran in place, and every parameter gradient equals the out-of-place run's (to
+    fp32 rounding: CUDA's embedding backward and GEMMs may round differently run to run; the kernel-level
+    test above compares bits)."""
+    import copy
+
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from megatron_l2e.l2e import L2E, L2EConfig
+    from megatron_l2e.l2e.kernels import fused
+
+    torch.manual_seed(0)
+    base = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0, use_cache=False,
+        attn_implementation="eager")).cuda()
+    grads, where = {}, {}
+    for name, env in (("in_place", "cuda"), ("out_of_place", None)):
+        if env is None:
+            monkeypatch.delenv(fused.INPLACE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(fused.INPLACE_ENV, env)
+        model = copy.deepcopy(base).train()
+        l2e = L2E.attach(model, L2EConfig(enabled=True, inhibition="regularizer", selection="threshold", ratio=0.05,
+                                          lam=1e-2, layers="mid2", late_start=1, warmup_steps=1),
+                         global_batch_size=4)
+        same = where[name] = []
+
+        def watch(module, args, output, same=same):
+            zo = output[0] if isinstance(output, tuple) else output
+            if zo._base is not None and zo.grad_fn is not None and "Penalty" in type(zo.grad_fn).__name__:
+                ptr = {}
+                zo.register_hook(lambda g: ptr.__setitem__("in", g.data_ptr()))
+                zo._base.register_hook(lambda g: same.append(ptr.get("in") == g.data_ptr()))
+        for i in l2e.sites:
+            model.gpt_neox.layers[i].register_forward_hook(watch)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        per_step = []
+        for _ in range(4):
+            model.zero_grad(set_to_none=True)
+            for _ in range(2):
+                mb = torch.randint(0, 64, (2, 32), device="cuda", generator=g)
+                loss = model(input_ids=mb, labels=mb).loss
+                pen = l2e.pop_penalty()
+                (loss if pen is None else loss + pen).backward()
+            per_step.append([p.grad.clone() for p in model.parameters()])
+            l2e.step_end()
+        grads[name] = per_step
+    assert where["in_place"] and all(where["in_place"])
+    assert where["out_of_place"] and not any(where["out_of_place"])
+    for step_a, step_b in zip(grads["in_place"], grads["out_of_place"]):
+        for a, b in zip(step_a, step_b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -84,3 +84,67 @@ def test_auto_kernel_matches_reference_over_training_steps(inhibition, lam):
         assert in_place and all(in_place), in_place
     for w in watchers:
         w.remove()
+
+
+def test_inplace_devices_allow_list(monkeypatch):
+    """The in-place gradient add runs only on device types in the allow-list: CPU by default (proven by
+    this suite), CUDA only by the explicit opt-in ``MEGATRON_L2E_INPLACE_GRAD``."""
+    from megatron_l2e.l2e.kernels import fused
+
+    monkeypatch.delenv(fused.INPLACE_ENV, raising=False)
+    assert fused.inplace_devices() == {"cpu"}
+    assert fused.inplace_allowed(torch.device("cpu")) and not fused.inplace_allowed(torch.device("cuda", 0))
+    monkeypatch.setenv(fused.INPLACE_ENV, "cpu, CUDA")
+    assert fused.inplace_devices() == {"cpu", "cuda"} and fused.inplace_allowed(torch.device("cuda", 0))
+    monkeypatch.setenv(fused.INPLACE_ENV, "cuda")
+    assert not fused.inplace_allowed(torch.device("cpu"))
+    for off in ("none", "0"):
+        monkeypatch.setenv(fused.INPLACE_ENV, off)
+        assert fused.inplace_devices() == frozenset()
+
+
+def test_out_of_place_add_gives_the_in_place_gradients(monkeypatch):
+    """With CPU off the allow-list the fused penalty backward writes a new tensor (never into z_out's
+    incoming gradient) and every parameter gradient is bit-identical to the in-place run's."""
+    from megatron_l2e.l2e.kernels import fused
+
+    base = _model()
+    grads, where = {}, {}
+    for name, env in (("in_place", None), ("out_of_place", "none")):
+        if env is None:
+            monkeypatch.delenv(fused.INPLACE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(fused.INPLACE_ENV, env)
+        model = copy.deepcopy(base).train()
+        cfg = L2EConfig(enabled=True, inhibition="regularizer", selection="threshold", ratio=0.05, lam=1e-2,
+                        layers="mid2", late_start=1, warmup_steps=1, forget_steps=None, kernel="auto")
+        l2e = L2E.attach(model, cfg, global_batch_size=4)
+        same = where[name] = []
+
+        def watch(module, args, output, same=same):
+            zo = output[0] if isinstance(output, tuple) else output
+            if zo._base is not None and zo.grad_fn is not None and "Penalty" in type(zo.grad_fn).__name__:
+                ptr = {}
+                zo.register_hook(lambda g: ptr.__setitem__("in", g.data_ptr()))
+                zo._base.register_hook(lambda g: same.append(ptr.get("in") == g.data_ptr()))
+        for i in l2e.sites:
+            model.gpt_neox.layers[i].register_forward_hook(watch)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(1)
+        per_step = []
+        for _ in range(4):
+            opt.zero_grad()
+            for _ in range(2):
+                mb = torch.randint(0, 64, (2, 16), generator=g)
+                loss = model(input_ids=mb, labels=mb).loss
+                pen = l2e.pop_penalty()
+                (loss if pen is None else loss + pen).backward()
+            per_step.append([p.grad.clone() for p in model.parameters()])
+            opt.step()
+            l2e.step_end()
+        grads[name] = per_step
+    assert where["in_place"] and all(where["in_place"])
+    assert where["out_of_place"] and not any(where["out_of_place"])
+    for step_a, step_b in zip(grads["in_place"], grads["out_of_place"]):
+        for a, b in zip(step_a, step_b):
+            assert torch.equal(a, b)

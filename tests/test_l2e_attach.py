@@ -228,6 +228,74 @@ def test_activation_checkpointing_on_off_identical(how, inhibition, granularity)
     assert len(calls) == (14 if how == "inside" else 8)
 
 
+@pytest.mark.parametrize("inhibition,selection", [("regularizer", "topk"), ("reverse_deactivation", "topk"),
+                                                   ("regularizer", "threshold")])
+def test_recompute_reuses_its_forwards_topk_thresholds(monkeypatch, inhibition, selection):
+    """Hooks inside non-reentrant checkpointing: the recompute takes the thr[B] its forward selected with
+    (warm-up, topk, RD) — as many exact top-k selections as without checkpointing — and the gradients
+    and L2E state stay bit-identical. ``threshold``: exact top-k only during its 2 warm-up steps."""
+    from megatron_l2e.l2e import kernels
+
+    calls = {"plain": 0, "inside": 0}
+    current = ["plain"]
+    kth = kernels.kth_score
+
+    def counting(*a, **k):
+        calls[current[0]] += 1
+        return kth(*a, **k)
+
+    monkeypatch.setattr(kernels, "kth_score", counting)
+    base = tiny_model()
+    ck = copy.deepcopy(base)
+    cfg = l2e_cfg(inhibition=inhibition, selection=selection, layers="mid2", warmup_steps=2)
+    l2e_a = L2E.attach(base, cfg, global_batch_size=4, loss_multiplier=2.0)
+    l2e_b = L2E.attach(ck, cfg, global_batch_size=4, loss_multiplier=2.0)
+    _enable_checkpointing(ck, "inside")
+    recomputes = []
+    ck.gpt_neox.layers[1].block.register_forward_hook(
+        lambda *a: recomputes.append(torch._C._current_graph_task_id() != -1), prepend=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (base, ck)]
+    for x in batches(4, 4):
+        micro = [x[:2], x[2:]]
+        current[0] = "plain"
+        _, g_a = train_step(base, l2e_a, micro, opts[0])
+        current[0] = "inside"
+        _, g_b = train_step(ck, l2e_b, micro, opts[1])
+        for k in g_a:
+            assert torch.equal(g_b[k], g_a[k]), k
+        assert_states_equal(site_state(l2e_a), site_state(l2e_b), exact=True)
+    # steps 1..3 are scored (late start 0, count ≥ 2 after step 0): 2 sites × 2 micro-batches each
+    exact_steps = 3 if selection == "topk" else 2
+    assert calls["plain"] == 2 * 2 * exact_steps
+    assert sum(recomputes) >= 2 * exact_steps       # the recompute reached the site for those micro-batches
+    assert calls["inside"] == calls["plain"]         # ... and selected nothing again
+    assert sum(s.kth_calls for s in l2e_b.sites.values()) == calls["inside"]
+
+
+def test_recompute_threshold_cache_is_per_input_and_step():
+    """Unit rules of the cache: a recompute finds only its own forward's input (same object, same
+    version); the same input twice in a step is ambiguous (select again); a step end forgets all."""
+    from megatron_l2e.l2e import L2ESite
+
+    site = L2ESite(0, l2e_cfg(), global_batch_size=4)
+    a, b = torch.zeros(2, 3), torch.zeros(2, 3)
+    ta, tb = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])
+    site._remember_thr(a, ta)
+    site._remember_thr(b, tb)
+    site._remember_thr(None, tb)                     # no key: nothing kept
+    assert site._forward_thr(a) is ta and site._forward_thr(b) is tb
+    assert site._forward_thr(torch.zeros(2, 3)) is None and site._forward_thr(None) is None
+    b.add_(1.0)                                      # changed in place: no longer the forward's input
+    assert site._forward_thr(b) is None
+    site._remember_thr(a, tb)                        # a second forward on the same input
+    assert site._forward_thr(a) is None
+    del b                                            # dead inputs drop out at the next insert
+    site._remember_thr(torch.ones(1), ta)
+    assert len(site._thr_fwd) == 2
+    site.discard()                                   # the step ended
+    assert site._forward_thr(a) is None and site._thr_fwd == []
+
+
 def test_reentrant_checkpointing_with_hooks_inside_fails_loudly():
     model = tiny_model()
     L2E.attach(model, l2e_cfg(), global_batch_size=4)
@@ -286,8 +354,11 @@ def test_grad_ratio_and_phi_selected_against_independent_computation():
     assert m["l2e/layer2/selected_frac"] == pytest.approx(sel.float().mean().item(), abs=1e-9)
     pen = cfg.lam * torch.log((z - mean)[sel].square() + cfg.eps).sum()
     assert m["l2e/layer2/penalty"] == pytest.approx(pen.item(), rel=1e-5)
+    # fp32 training: the penalty's gradient survives the add to the LM gradient (to fp32 rounding)
+    assert m["l2e/layer2/penalty_survival"] == pytest.approx(F.penalty_survival(g_lm, g_pen), rel=1e-6)
+    assert m["l2e/layer2/penalty_survival"] == pytest.approx(1.0, abs=1e-5)
     assert set(m) == {f"l2e/layer{i}/{k}" for i in (1, 2)
-                      for k in ("tau", "selected_frac", "penalty", "grad_ratio", "phi_selected")}
+                      for k in ("tau", "selected_frac", "penalty", "grad_ratio", "penalty_survival", "phi_selected")}
     l2e.set_measure_grad_ratio(False)
     train_step(model, l2e, [x])
     assert "l2e/layer2/grad_ratio" not in l2e.metrics()
@@ -386,5 +457,5 @@ def test_one_packed_all_reduce_per_step_over_all_sites():
     for x in batches(3):
         train_step(model, l2e, [x[:2], x[2:]])
     l2e.step_end(applied=False)                  # a skipped step runs no collective
-    per_site = 2 * n + 9                         # sum_d, sum_d2, 9 scalars
+    per_site = 2 * n + 10                        # sum_d, sum_d2, 10 scalars
     assert seen == [(torch.float64, len(l2e.sites) * per_site)] + [(torch.float32, len(l2e.sites) * per_site)] * 2

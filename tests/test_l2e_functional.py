@@ -260,3 +260,54 @@ def test_kth_score_and_inf_threshold():
     assert out.counts.sum() == 0 and out.loss.item() == 0.0
     with pytest.raises(ValueError, match="backend"):
         kernels.kth_score(z, mean, var, 3, compensation=0.01, backend="cuda-magic")
+
+
+def _np_round_bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 → bf16 → fp32 by bits: round to nearest, ties to even (finite inputs)."""
+    b = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.astype(np.uint32).view(np.float32)
+
+
+_NP_ROUND = {torch.float16: lambda x: np.asarray(x, np.float64).astype(np.float16).astype(np.float64),
+             torch.bfloat16: lambda x: _np_round_bf16(np.asarray(x, np.float32)).astype(np.float64),
+             torch.float32: lambda x: np.asarray(x, np.float64).astype(np.float32).astype(np.float64)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale", [3e-1, 1e-2, 1e-3, 1e-4, 1e-6, 1e-9])
+def test_penalty_survival_against_numpy(dtype, scale):
+    """‖round_p(g_lm + g_pen) − round_p(g_lm)‖ / ‖g_pen‖ with both gradients given in p (as the site's
+    hooks see them), against numpy rounding of the exact (fp64) sum."""
+    rng = np.random.default_rng(0)
+    shape = (4, 16, 32)
+    # magnitudes ~1, as after fp16's loss scale (which keeps a 1e-9 penalty out of fp16's subnormals)
+    g_lm = torch.from_numpy(rng.normal(0, 1.0, shape) * rng.lognormal(0, 1, shape)).to(dtype)
+    pen = np.where(rng.random(shape) < 0.05, rng.normal(0, 1.0, shape) * scale, 0.0)   # ~5 % selected
+    g_pen = torch.from_numpy(pen).to(dtype)
+    a, b = g_lm.double().numpy(), g_pen.double().numpy()
+    rnd = _NP_ROUND[dtype]
+    if not b.any():                                  # rounded to zero in p itself (fp16 below 6e-8)
+        assert np.isnan(F.penalty_survival(g_lm, g_pen))
+        return
+    expect = np.linalg.norm(rnd(a + b) - rnd(a)) / np.linalg.norm(b)
+    got = F.penalty_survival(g_lm, g_pen)
+    assert got == pytest.approx(expect, rel=1e-6, abs=1e-12)     # fp32 squares of exact differences
+    num, den = F.penalty_survival_sums(g_lm, g_pen)
+    assert float(den) == pytest.approx(float((b ** 2).sum()), rel=1e-12)
+    # The regimes: far above p's half-ulp (2^-9 bf16, 2^-12 fp16, 2^-25 fp32, relative) it all survives,
+    # far below it none does.
+    half_ulp = {torch.float16: 2.0 ** -12, torch.bfloat16: 2.0 ** -9, torch.float32: 2.0 ** -25}[dtype]
+    if scale > 100 * half_ulp:
+        assert 0.9 < got < 1.1
+    elif scale < half_ulp / 100:
+        assert got < 0.05
+    # p = fp32 gradients rounded to bf16 by the caller's choice of precision
+    if dtype == torch.float32:
+        got16 = F.penalty_survival(g_lm, g_pen, dtype=torch.bfloat16)
+        expect16 = np.linalg.norm(_NP_ROUND[torch.bfloat16](a + b) - _NP_ROUND[torch.bfloat16](a)) / np.linalg.norm(b)
+        assert got16 == pytest.approx(expect16, rel=1e-6, abs=1e-9)
+
+
+def test_penalty_survival_of_a_zero_penalty_is_nan():
+    assert np.isnan(F.penalty_survival(torch.ones(3), torch.zeros(3)))

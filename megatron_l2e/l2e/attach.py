@@ -84,7 +84,8 @@ class L2E:
         return total if self.loss_multiplier == 1.0 else total * self.loss_multiplier
 
     def set_measure_grad_ratio(self, on: bool) -> None:
-        """Measure grad_ratio and phi_selected on the coming step (tensor hooks and an extra pass)."""
+        """Measure grad_ratio, penalty_survival and phi_selected on the coming step (tensor hooks and an
+        extra pass)."""
         for site in self.sites.values():
             site.measure = bool(on)
 
@@ -101,7 +102,7 @@ class L2E:
 
     def metrics(self) -> dict[str, float]:
         """``l2e/layer<i>/<name>`` of the last applied step: tau, selected_frac, penalty (regularizer),
-        grad_ratio (regularizer, measured steps), phi_selected (measured steps)."""
+        grad_ratio and penalty_survival (regularizer, measured steps), phi_selected (measured steps)."""
         return {f"l2e/layer{i}/{k}": v for i in sorted(self.sites) for k, v in self.sites[i].metrics().items()}
 
     def state_dict(self) -> dict:
@@ -127,7 +128,9 @@ def _make_hook(site: L2ESite):
             return None                                   # identity in eval mode
         tuple_out = isinstance(output, tuple)             # transformers 4.x returns (hidden, ...)
         z = output[0] if tuple_out else output
-        z_out = site.forward(z)
+        # The block input identifies the micro-batch to a checkpoint recompute (see L2ESite.forward).
+        key = args[0] if args and isinstance(args[0], Tensor) else None
+        z_out = site.forward(z, key=key)
         if z_out is None:
             return None
         return (z_out, *output[1:]) if tuple_out else z_out

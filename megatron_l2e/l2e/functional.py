@@ -28,6 +28,8 @@ __all__ = [
     "ms_penalty_grad",
     "reverse_deactivation",
     "decorrelation",
+    "penalty_survival",
+    "penalty_survival_sums",
 ]
 
 
@@ -200,6 +202,28 @@ def reverse_deactivation(z: Tensor, mean: Tensor, var: Tensor, thr, delta: float
     return z_out, counts
 
 
+def penalty_survival_sums(g_lm: Tensor, g_pen: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``(‖round_p(g_lm + g_pen) − round_p(g_lm)‖², ‖g_pen‖²)`` as 0-d fp64 tensors.
+
+    ``round_p`` rounds to the training precision ``p`` (``dtype``, default ``g_lm``'s dtype) by a cast:
+    what autograd does when it adds the penalty's gradient to the LM gradient of a ``p`` activation.
+    The sum itself is formed exactly first (fp32 for 16-bit ``p``: the sum of two fp16/bf16 values is
+    exact there unless it could not change the rounded result anyway; fp64 for fp32 ``p``).
+    """
+    p = dtype or g_lm.dtype
+    acc = torch.float32 if p in (torch.float16, torch.bfloat16) else torch.float64
+    a, b = g_lm.detach().to(acc), g_pen.detach().to(acc)
+    moved = (a + b).to(p).to(acc) - a.to(p).to(acc)
+    return moved.square().sum(dtype=torch.float64), b.square().sum(dtype=torch.float64)
+
+
+def penalty_survival(g_lm: Tensor, g_pen: Tensor, dtype: torch.dtype | None = None) -> float:
+    """How much of the penalty gradient survives rounding into the LM gradient, in precision ``p``:
+    ``‖round_p(g_lm + g_pen) − round_p(g_lm)‖ / ‖g_pen‖`` (≈ 1: it all arrives; ≈ 0: it rounds away;
+    NaN when ``g_pen`` is zero). In fp32 it is 1 to fp32 rounding unless the penalty is below fp32's
+    half-ulp of the LM gradient."""
+    num, den = penalty_survival_sums(g_lm, g_pen, dtype)
+    return float((num / den).sqrt()) if den > 0 else float("nan")
 
 def decorrelation(z: Tensor, eps: float = 1e-6) -> Tensor:
     """Per-sample feature decorrelation (after Yan et al., EMNLP 2024): ``[B, S, H]`` → ``[B]``.

@@ -17,12 +17,16 @@ Lifecycle of an optimizer step (DESIGN §3):
 
 A forward re-run by activation checkpointing during backward (detected by a live autograd graph task)
 repeats the same autograd operations — the recomputation must save the same tensors — but adds nothing
-to the accumulators and registers no hooks.
+to the accumulators and registers no hooks. Exact top-k (warm-up, ``selection: topk``) is not selected
+again there: each forward keeps its per-sample thresholds ``thr[B]`` for the step, keyed by the block's
+input tensor (the very object non-reentrant checkpointing hands back to the recompute), and the
+recompute takes its forward's.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,7 +39,8 @@ from . import kernels
 from .config import L2EConfig
 
 # Scalars per site at the end of the packed vector (after sum_d[N], sum_d2[N]).
-_TAIL = ("samples", "selected", "kth_sum", "kth_n", "penalty", "gpen_sq", "glm_sq", "phi_sum", "decorrelation")
+_TAIL = ("samples", "selected", "kth_sum", "kth_n", "penalty", "gpen_sq", "glm_sq", "phi_sum", "surv_sq",
+         "decorrelation")
 # fp32 suffices: the vectors are fp32 sums anyway; the integer counts are exact below 2^24 and,
 # above (a 2.8B global batch selects ~2·10^7 elements per site), rounded to 6e-8 relative, which
 # moves eq. 6's tau by < 1e-9 — "to fp32 rounding", like everything else in the merged state.
@@ -102,6 +107,10 @@ class L2ESite:
         # reused step after step (fresh ones cost page faults on CPU, and a separate add pass).
         self._sum_bufs: tuple[Tensor, Tensor] | None = None
         self._thr_cache: tuple[tuple, Tensor | None] = ((), None)
+        # Exact top-k thresholds of this step's forwards, for their checkpoint recomputes:
+        # [weakref to the block input, its _version, thr [B] (None: two forwards shared the input)].
+        self._thr_fwd: list[list] = []
+        self.kth_calls = 0                  # exact top-k selections run (forwards; recomputes reuse them)
         self._acc = _StepAcc()
         self._pending: list[Tensor] = []    # micro-batch penalties not yet popped
         # threshold_update: micro_batch — the last micro-batch's selected count and samples, until
@@ -151,8 +160,12 @@ class L2ESite:
             self._sum_bufs = (torch.zeros(neurons, dtype=torch.float32, device=z.device),
                               torch.zeros(neurons, dtype=torch.float32, device=z.device))
 
-    def forward(self, z: Tensor) -> Tensor | None:
-        """Process one training micro-batch ``z`` ``[B, *neurons]``; returns the replacement output or None."""
+    def forward(self, z: Tensor, key: Tensor | None = None) -> Tensor | None:
+        """Process one training micro-batch ``z`` ``[B, *neurons]``; returns the replacement output or None.
+
+        ``key``: the block's input tensor (or None). A checkpoint recompute of a forward calls the block
+        with the same input object; exact top-k then reuses the thresholds that forward selected with.
+        """
         cfg = self.cfg
         recompute = in_backward_recompute()
         if cfg.inhibition in ("regularizer", "reverse_deactivation", "decorrelation") and not torch.is_grad_enabled() \
@@ -171,11 +184,16 @@ class L2ESite:
         scoring = self.scoring()
         exact = scoring and self.exact_topk()
         if exact:
-            thr = kernels.kth_score(z, mean, var, self.k, compensation=cfg.compensation, backend=cfg.kernel)
+            thr = self._forward_thr(key) if recompute else None
+            if thr is None:
+                thr = kernels.kth_score(z, mean, var, self.k, compensation=cfg.compensation, backend=cfg.kernel)
+                self.kth_calls += 1
+                if not recompute:
+                    self._remember_thr(key, thr)
         else:   # one [B] tensor per (tau, B, device), reused by the step's micro-batches (never written)
-            key = (self.tau if scoring else math.inf, B, z.device)
-            if self._thr_cache[0] != key:
-                self._thr_cache = (key, torch.full((B,), key[0], dtype=torch.float32, device=z.device))
+            tkey = (self.tau if scoring else math.inf, B, z.device)
+            if self._thr_cache[0] != tkey:
+                self._thr_cache = (tkey, torch.full((B,), tkey[0], dtype=torch.float32, device=z.device))
             thr = self._thr_cache[1]
 
         mode = "stats"
@@ -224,9 +242,46 @@ class L2ESite:
                 self._acc.add("penalty", term.detach())
                 self._acc.add("decorrelation", decor.detach().sum())
             if split_views:
-                z_pen.register_hook(lambda g: self._acc.add("gpen_sq", g.float().square().sum()))
-                result.register_hook(lambda g: self._acc.add("glm_sq", g.float().square().sum()))
+                met: dict[str, Tensor] = {}
+                z_pen.register_hook(lambda g: self._measure_grad("pen", g, met))
+                result.register_hook(lambda g: self._measure_grad("lm", g, met))
         return result
+
+    def _measure_grad(self, side: str, g: Tensor, met: dict[str, Tensor]) -> None:
+        """A measured step's tensor hook on one of z's two views (``pen``: the penalty's gradient,
+        ``lm``: the rest of the network's): ‖g‖² for grad_ratio, and once both gradients of the
+        micro-batch are in, the part of the penalty's that survives their sum in z's precision
+        (``penalty_survival``; the first one to arrive is held until then)."""
+        self._acc.add("gpen_sq" if side == "pen" else "glm_sq", g.float().square().sum())
+        other = met.pop("lm" if side == "pen" else "pen", None)
+        if other is None:
+            met[side] = g
+            return
+        g_lm, g_pen = (g, other) if side == "lm" else (other, g)
+        moved_sq, _ = F.penalty_survival_sums(g_lm, g_pen)
+        self._acc.add("surv_sq", moved_sq)
+
+    def _remember_thr(self, key: Tensor | None, thr: Tensor) -> None:
+        """Keep a forward's exact top-k thresholds for its recompute (this step only: see :meth:`discard`)."""
+        if key is None:
+            return
+        live = [e for e in self._thr_fwd if e[0]() is not None]
+        for e in live:
+            if e[0]() is key and e[1] == key._version:
+                e[2] = None        # the same input twice in one step: ambiguous, recomputes select again
+                self._thr_fwd = live
+                return
+        live.append([weakref.ref(key), key._version, thr])
+        self._thr_fwd = live
+
+    def _forward_thr(self, key: Tensor | None) -> Tensor | None:
+        """The thresholds the forward with this block input selected with, or None (select again)."""
+        if key is None:
+            return None
+        for ref, version, thr in self._thr_fwd:
+            if ref() is key and version == key._version:
+                return thr
+        return None
 
     def _accumulate(self, z: Tensor, out: kernels.SiteOutput, kth: Tensor | None, scoring: bool,
                     into_bufs: bool) -> None:
@@ -299,8 +354,12 @@ class L2ESite:
              "selected_frac": selected / (samples * n) if samples and n else 0.0}
         if cfg.inhibition in ("regularizer", "decorrelation"):
             m["penalty"] = tail["penalty"]
-        if cfg.inhibition == "regularizer" and measured and tail["glm_sq"] > 0:
-            m["grad_ratio"] = math.sqrt(tail["gpen_sq"] / tail["glm_sq"])
+        if cfg.inhibition == "regularizer" and measured:
+            if tail["glm_sq"] > 0:
+                m["grad_ratio"] = math.sqrt(tail["gpen_sq"] / tail["glm_sq"])
+            if tail["gpen_sq"] > 0:
+                # ‖round_p(g_lm + g_pen) − g_lm‖ / ‖g_pen‖ over the global batch (p: z's dtype)
+                m["penalty_survival"] = math.sqrt(tail["surv_sq"] / tail["gpen_sq"])
         if cfg.inhibition == "decorrelation" and samples:
             m["decorrelation"] = tail["decorrelation"] / samples     # mean over the global batch, without λ
         if measured and selected > 0:
@@ -324,6 +383,7 @@ class L2ESite:
         self._acc = _StepAcc()
         self._pending = []
         self._mb = None
+        self._thr_fwd = []
 
     def metrics(self) -> dict[str, float]:
         return dict(self._metrics)

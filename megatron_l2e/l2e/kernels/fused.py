@@ -11,7 +11,8 @@ once, with the very ops of ``ms_score``, so every backend selects exactly what t
 
 Penalty: ``z_out`` is a view of ``z`` through which z's other gradient reaches the Function's
 backward, which returns ``grad_out + g·λ·2d/(d²+eps)`` in one pass over Z (in place when autograd
-alone holds ``grad_out``). Only ``z`` and ``[*neurons]``/``[B]`` tensors are saved, plus — CPU —
+alone holds ``grad_out``, on a device type where that rule is proven: :func:`inplace_devices`).
+Only ``z`` and ``[*neurons]``/``[B]`` tensors are saved, plus — CPU —
 the forward's sparse ``record`` of its selection (positions and z − mean of the ≤ 1/16 selected
 elements it holds; the ~2 % L2E selects), with which the in-place backward updates the selected
 elements alone instead of re-reading Z and the statistics; the Triton backward recomputes the
@@ -23,6 +24,7 @@ outputs, whose first touch costs page faults on CPU, and no separate accumulatio
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import weakref
 from types import ModuleType
@@ -53,6 +55,35 @@ def denominator(var: Tensor, compensation: float) -> Tensor:
     return denom
 
 
+# ---- where the in-place gradient add may run ------------------------------------------------------
+# The in-place add trusts reference counts calibrated by a probe (below). Device types on which a test
+# has proved that rule — the backward wrote into the incoming gradient exactly when autograd alone held
+# it, with the same bits as the out-of-place add — are listed here; everywhere else the add is out of
+# place. CPU: tests/test_kernels_backends.py, test_kernels_site.py, test_l2e_attach.py. CUDA: off until
+# the user opts in after `pytest -m gpu` passed tests/test_gpu_kernels.py::test_inplace_grad_cuda on
+# that host (its CUDA worker thread, allocator and stream semantics are not the CPU's).
+INPLACE_ENV = "MEGATRON_L2E_INPLACE_GRAD"
+PROVEN_INPLACE_DEVICES = frozenset({"cpu"})
+
+
+def inplace_devices() -> frozenset[str]:
+    """Device types on which the penalty backward may add in place into z's incoming gradient.
+
+    ``MEGATRON_L2E_INPLACE_GRAD`` (read at each call): unset → the proven set (``cpu``); a comma list
+    of device types (``cpu,cuda``) → exactly those (``cuda`` is the opt-in); ``none`` or ``0`` → none
+    (out of place everywhere).
+    """
+    raw = os.environ.get(INPLACE_ENV)
+    if raw is None or raw.strip() == "":
+        return PROVEN_INPLACE_DEVICES
+    names = {t.strip().lower() for t in raw.split(",") if t.strip()}
+    return frozenset() if names & {"none", "0", "off", "false"} else frozenset(names)
+
+
+def inplace_allowed(device: torch.device) -> bool:
+    return device.type in inplace_devices()
+
+
 def _grad_refs(g: Tensor) -> tuple[int, int, int]:
     """(C++ owners of g's TensorImpl, Python references to g, owners of its storage)."""
     return g._use_count(), sys.getrefcount(g), torch._C._storage_Use_Count(g.untyped_storage()._cdata)
@@ -76,11 +107,13 @@ class _RefProbe(torch.autograd.Function):
 
 
 @functools.cache
-def _exclusive_refs() -> tuple[int, int, int] | None:
+def _exclusive_refs(device_type: str = "cpu") -> tuple[int, int, int] | None:
+    """The probe's counts, taken on a tensor of ``device_type`` (a CUDA backward runs on autograd's
+    device thread: calibrated there, not assumed equal to the CPU's)."""
     if not hasattr(Tensor, "_use_count") or not hasattr(torch._C, "_storage_Use_Count"):
         return None
     with torch.enable_grad():
-        x = torch.zeros(4, requires_grad=True)
+        x = torch.zeros(4, requires_grad=True, device=device_type)
         (_RefProbe.apply(x * 1.0) * 2.0).sum().backward()   # MulBackward hands over a fresh gradient
     refs = _RefProbe.seen.pop()
     return refs if refs[0] == 1 else None
@@ -96,7 +129,9 @@ def _owned_by_autograd(g: Tensor, z: Tensor | None, calibrate: bool = False):
     refs = _grad_refs(g)
     if calibrate:
         return refs
-    base = _exclusive_refs()
+    if not inplace_allowed(g.device):   # not proven on this device type: out of place
+        return False
+    base = _exclusive_refs(g.device.type)
     if base is None or torch.is_grad_enabled() or g.requires_grad or g._is_view():
         return False
     if g.dtype != z.dtype or g.device != z.device or g.shape != z.shape or not g.is_contiguous():
@@ -111,7 +146,8 @@ class _Penalty(torch.autograd.Function):
     ``fuse_grad``: ``z_out`` is a view of ``z`` (no copy), so the gradient the rest of the network
     sends to z arrives here together with the loss's, and one pass over Z returns their sum
     ``g_z + g·λ·2d/(d² + eps)`` — written into ``g_z`` itself when autograd alone holds it
-    (``_owned_by_autograd``: reads Z and dZ, writes dZ; no new B·S·H tensor), else into a new tensor.
+    (``_owned_by_autograd``: reads Z and dZ, writes dZ; no new B·S·H tensor) and z's device type is in
+    :func:`inplace_devices`, else into a new tensor.
     Without ``fuse_grad`` (``z_out`` None: the caller reads z directly) the backward
     returns the penalty gradient alone and autograd adds it to z's other gradient — one more pass,
     used where the two gradients are measured apart.
@@ -191,8 +227,8 @@ def site_forward(backend: ModuleType, z: Tensor, mean: Tensor, var: Tensor, thr:
     shift = mean if shift_is_mean else _f32(shift)
     if mode == "penalty":
         fuse = fuse_grad and z.requires_grad and torch.is_grad_enabled()
-        if fuse:
-            _exclusive_refs()   # calibrate now (once per process), not inside a backward
+        if fuse and inplace_allowed(z.device):
+            _exclusive_refs(z.device.type)   # calibrate now (once per process and device), not in a backward
         side: list[Tensor] = []
         z_out, loss = _Penalty.apply(z, mean, denom, thr, shift, lam, eps, backend, sums, accumulate, fuse, side)
         return SiteOutput(z if z_out is None else z_out, loss, *side)
