@@ -367,7 +367,19 @@ def broadcast_object(obj, src: int = 0):
 
 
 def shutdown() -> None:
+    """Leave the process group, and forget DeepSpeed's cached groups: a later ``init_distributed`` in
+    the same process (tests, notebooks) would otherwise hand ZeRO a destroyed group."""
     import torch.distributed as tdist
 
     if tdist.is_initialized():
         tdist.destroy_process_group()
+    try:
+        from deepspeed.utils import groups
+    except ImportError:  # pragma: no cover
+        return
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith("_GROUP") and not callable(value):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    for name in ("_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
