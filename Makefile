@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned: the local CPU wheel (never a multi-GB CUDA build on a CPU machine).
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv smoke study test test-slow test-gpu test-multinode smoke-gpu image bench-l2e bench-data bench-gpu clean
+.PHONY: venv smoke study test test-slow test-gpu test-multinode smoke-gpu image bench-l2e bench-data bench-gpu \
+        bench-overhead gpu-wheels gpu-check clean
 
 venv: $(STAMP)
 
@@ -37,6 +38,10 @@ bench-data: venv
 study: venv
 	$(PY) tools/study.py --out runs/study
 
+# Pipeline overhead (P4): our training step ÷ a bare PyTorch loop of the same model, on CPU.
+bench-overhead: venv
+	mkdir -p runs/bench && $(PY) tools/bench_overhead.py --json runs/bench/bench_overhead.json
+
 test-slow: venv
 	$(PY) -m pytest -q --durations=15 -m slow tests
 
@@ -54,6 +59,19 @@ test-gpu:
 
 bench-gpu:
 	mkdir -p runs/bench && $(GPU_PY) tools/bench_train.py --json runs/bench/bench_train.json
+
+# The device check (docs/gpu-bench.md). `gpu-wheels` needs the network and runs here, beforehand: it
+# fills the ignored .whl/ with what the GPU host lacks (DeepSpeed built as a wheel, pydantic-core for
+# CPython 3.12, ...). `gpu-check` runs on the GPU host with no network, ≤ 8 minutes, report in
+# GPU_CHECK_OUT; without CUDA it stops at once (exit 2). GPU_CHECK_ARGS="--dry-run" prints the commands.
+GPU_CHECK_OUT ?= runs/gpu-check
+GPU_CHECK_ARGS ?=
+
+gpu-wheels: venv
+	L2E_PYTHON=$(PY) scripts/gpu_wheels.sh
+
+gpu-check:
+	GPU_CHECK_OUT="$(GPU_CHECK_OUT)" scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs/smoke

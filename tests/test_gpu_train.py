@@ -15,6 +15,7 @@ ZeRO stage 1, nccl, L2E on at the Mid-2 blocks 2 and 3.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,10 @@ GPU_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "WANDB_MODE": "disabled"}
 
 @pytest.fixture(scope="module")
 def smoke_data_dir(tmp_path_factory) -> Path:
-    """Shared folder for the smoke corpus: the first run builds it (cached for the others)."""
+    """Shared folder for the smoke corpus: the first run builds it (cached for the others).
+    ``MEGATRON_L2E_GPU_SMOKE_DATA`` names one built already (``make gpu-check`` builds it once)."""
+    if built := os.environ.get("MEGATRON_L2E_GPU_SMOKE_DATA"):
+        return Path(built)
     return tmp_path_factory.mktemp("gpu-smoke-data")
 
 
