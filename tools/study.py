@@ -3,6 +3,7 @@
 
     python tools/study.py [--out runs/study] [--jobs 2] [--seeds 1,2,3]      # make study
     python tools/study.py --quick --out /tmp/q                               # 2 variants × 2 seeds, a few steps
+    python tools/study.py --feature-corr RUN [RUN ...]                       # mean |corr| at the sites of runs
 
 One Pythia-architecture model scaled down (configs/study/base.yml) trained on text already on every machine
 (the Python stdlib's sources, a held-out split), in these variants, each with every seed:
@@ -33,6 +34,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -127,7 +129,6 @@ def measure(folder: Path, feats, sites: list[int], valid_rows, seed: int) -> dic
     from megatron_l2e.analysis.activations import capture_activations, load_model, neuron_view
     from megatron_l2e.analysis.stats import (feature_means, fkr_curve, ks_statistic, ms_matrix, relative_feature,
                                              sample_neurons)
-    from megatron_l2e.l2e.functional import decorrelation
 
     model, _ = load_model(folder, torch.device("cpu"), torch.float32, need_tokenizer=False, progress=False)
     n_layers = len(model.gpt_neox.layers)
@@ -147,25 +148,38 @@ def measure(folder: Path, feats, sites: list[int], valid_rows, seed: int) -> dic
     rng = np.random.default_rng(seed)
     ks = [ks_statistic(phis[layer][:, j], feats.labels, int(lstars[layer][j]))[0]
           for layer, j in sample_neurons(rng, scored, KS_NEURONS)]
-    # Feature correlation at the sites on held-out rows (whole rows: no padding).
-    corr = []
-    with torch.no_grad():
-        out: dict[int, torch.Tensor] = {}
-        hooks = [model.gpt_neox.layers[i].register_forward_hook(
-            lambda m, a, o, i=i: out.__setitem__(i, o[0] if isinstance(o, tuple) else o)) for i in sites]
-        model.base_model(input_ids=valid_rows)
+    corr = feature_corr(model, valid_rows, sites)
+    return {"ms_profile": profile, "frac_above": float(np.mean(frac)), "fkr": float(np.mean(fkr)),
+            "ks": float(np.mean(ks)), "feature_corr": float(np.mean(list(corr.values())))}
+
+
+def feature_corr(model, rows, sites: list[int]) -> dict[int, float]:
+    """Mean |off-diagonal correlation| of each site's H features over a row's S tokens, averaged over rows.
+
+    rows: [B, S] whole token rows (no padding). The correlation matrix per row is the one
+    ``l2e.inhibition: decorrelation`` penalises (C_ij², mean over i≠j); here its absolute value is reported.
+    """
+    import torch
+
+    out: dict[int, torch.Tensor] = {}
+    hooks = [model.gpt_neox.layers[i].register_forward_hook(
+        lambda m, a, o, i=i: out.__setitem__(i, o[0] if isinstance(o, tuple) else o)) for i in sites]
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=rows)
+    finally:
         for h in hooks:
             h.remove()
-        for i in sites:
-            z = out[i].double()
-            zc = z - z.mean(1, keepdim=True)
-            zn = zc / zc.square().mean(1, keepdim=True).add(1e-12).sqrt()
-            c = torch.bmm(zn.transpose(1, 2), zn) / z.shape[1]
-            h = c.shape[-1]
-            corr.append(float((c.abs().sum((1, 2)) - c.diagonal(dim1=1, dim2=2).abs().sum(1)).mean() / (h * (h - 1))))
-            assert decorrelation(z).shape[0] == z.shape[0]
-    return {"ms_profile": profile, "frac_above": float(np.mean(frac)), "fkr": float(np.mean(fkr)),
-            "ks": float(np.mean(ks)), "feature_corr": float(np.mean(corr))}
+    result = {}
+    for i in sites:
+        z = out[i].double()                                             # [B, S, H]
+        zc = z - z.mean(1, keepdim=True)
+        zn = zc / zc.square().mean(1, keepdim=True).add(1e-12).sqrt()
+        c = torch.bmm(zn.transpose(1, 2), zn) / z.shape[1]               # [B, H, H]
+        h = c.shape[-1]
+        off = c.abs().sum((1, 2)) - c.diagonal(dim1=1, dim2=2).abs().sum(1)
+        result[i] = float(off.mean() / (h * (h - 1)))
+    return result
 
 
 def run_summary(run: Path, iters: int) -> dict:
@@ -185,15 +199,14 @@ def run_summary(run: Path, iters: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def t_interval(xs: list[float]) -> tuple[float, float | None]:
-    """(mean, 95 % Student-t half-width) over seeds; half-width None for one seed."""
-    from scipy import stats
+    """(mean, 95 % Student-t half-width) over seeds, missing values dropped; half-width None for one seed."""
+    from megatron_l2e.tables import t_interval as interval
 
-    a = np.asarray([x for x in xs if x is not None], dtype=float)
-    if a.size == 0:
+    a = [float(x) for x in xs if x is not None]
+    if not a:
         return math.nan, None
-    if a.size < 2:
-        return float(a.mean()), None
-    return float(a.mean()), float(stats.t.ppf(0.975, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size))
+    iv = interval(a)
+    return iv.mean, iv.half_width
 
 
 def fmt(mean: float, half: float | None, digits: int = 4) -> str:
@@ -202,7 +215,8 @@ def fmt(mean: float, half: float | None, digits: int = 4) -> str:
     return f"{mean:.{digits}f}" + ("" if half is None else f" ± {half:.{digits}f}")
 
 
-COLUMNS = [("val_loss", "held-out loss", 4), ("tau", "final τ", 3), ("frac_above", f"φ_ℓ* ≥ {MS_THRESHOLD:g} (share)", 4),
+COLUMNS = [("val_loss", "held-out loss", 4), ("tau", "final τ", 3),
+           ("frac_above", f"φ_ℓ* ≥ {MS_THRESHOLD:g} (share)", 4),
            ("fkr", f"FKR @ {FKR_RATIO:.0%}", 4), ("ks", "K-S", 4), ("feature_corr", "mean |corr|", 4),
            ("step_ratio", "step time ÷ baseline", 3)]
 
@@ -213,6 +227,26 @@ def table(results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         cells = [fmt(*t_interval([r.get(key) for r in runs]), digits) for key, _, digits in COLUMNS]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(results: dict[str, list[dict]]) -> str:
+    """Held-out loss minus the same seed's baseline: mean ± t-interval, per-seed values, paired t-test p."""
+    from megatron_l2e.tables import paired_p
+
+    base = {r["seed"]: r["val_loss"] for r in results["baseline"]}
+    lines = ["| variant | Δ held-out loss vs same-seed baseline | per seed | paired t-test p |", "|---|---|---|---|"]
+    for name, runs in results.items():
+        if name == "baseline":
+            continue
+        runs = [r for r in runs if r["seed"] in base]
+        d = [r["val_loss"] - base[r["seed"]] for r in runs]
+        p = paired_p([r["val_loss"] for r in runs], [base[r["seed"]] for r in runs])
+        mean, half = t_interval(d)
+        per_seed = ", ".join(f"{x:+.4f}" for x in d)
+        cell = ("0 (identical)" if all(x == 0 for x in d)
+                else f"{mean:+.4f}" + ("" if half is None else f" ± {half:.4f}"))
+        lines.append(f"| {name} | {cell} | {per_seed} | {'n/a' if p is None else f'{p:.4f}'} |")
     return "\n".join(lines)
 
 
@@ -261,7 +295,8 @@ def figures(results: dict[str, list[dict]], out: Path) -> list[str]:
         ax.errorbar([int(x) for x in layers], [s[0] for s in stats_], yerr=[s[1] or 0.0 for s in stats_],
                     label=v, marker="o", capsize=3)
     ax.set(xlabel="block", ylabel="mean φ_ℓ* (block outputs)", title="MS per layer (eq. 1–3), mean ± 95 % CI")
-    ax.legend(fontsize=8)
+    ax.set_xticks(sorted(int(x) for x in layers))
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(out / "ms_per_layer.png", dpi=120)
     names.append("ms_per_layer.png")
@@ -279,6 +314,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="1,2,3", help="comma-separated study seeds (default 1,2,3)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time, 1 thread each (default 2)")
     p.add_argument("--quick", action="store_true", help="baseline and l2e × 2 seeds × 12 steps of a tiny model")
+    p.add_argument("--feature-corr", nargs="+", metavar="RUN", default=None,
+                   help="instead of the study: print the mean |off-diagonal feature correlation| at the L2E sites "
+                        "of each run folder (its latest checkpoint, 32 rows of its held-out data)")
     args = p.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -291,8 +329,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def feature_corr_of_runs(runs: list[str]) -> int:
+    """--feature-corr: one line per run folder, its sites' mean |corr| on its own held-out rows."""
+    import torch
+
+    from megatron_l2e.analysis.activations import load_model
+    from megatron_l2e.config import ConfigError, load_config
+    from megatron_l2e.data.index import DataError
+    from megatron_l2e.data.rows import TokenRows
+    from megatron_l2e.checkpoint import WEIGHTS_TAG_RE, step_of
+    from megatron_l2e.export import export_checkpoint, is_hf_folder
+    from megatron_l2e.l2e.config import resolve_layers
+
+    found = []
+    for run in map(Path, runs):       # every check first, then the work
+        saves = {}                    # step → folder: full saves, then weights-only ones (preferred: no export)
+        for d in sorted((run / "checkpoints").glob("*")):
+            if step_of(d.name) is not None:
+                saves.setdefault(step_of(d.name), d)
+        for d in sorted((run / "checkpoints").glob("hf_step*")):
+            if WEIGHTS_TAG_RE.match(d.name) and is_hf_folder(d):
+                saves[int(WEIGHTS_TAG_RE.match(d.name).group(1))] = d
+        if not saves or not (run / "config.yaml").is_file():
+            raise StudyError(f"--feature-corr {run}: not a finished run folder "
+                             "(needs config.yaml and checkpoints/global_step<N> or hf_step<N>)")
+        try:
+            cfg = load_config(run / "config.yaml")
+        except ConfigError as exc:
+            raise StudyError(f"--feature-corr {run}: {exc}") from None
+        ckpt = saves[max(saves)]
+        if not cfg.data.valid_path:
+            raise StudyError(f"--feature-corr {run}: its config has no data.valid_path (held-out rows)")
+        try:
+            held = TokenRows(cfg.data.valid_path, cfg.model.seq_length)
+        except DataError as exc:
+            raise StudyError(f"--feature-corr {run}: {exc}") from None
+        found.append((run, ckpt, cfg, held))
+    for run, folder, cfg, held in found:
+        sites = resolve_layers(cfg.l2e.layers, cfg.model.num_layers)
+        rows = held.rows(0, min(32, held.num_rows))[:, :-1]
+        with tempfile.TemporaryDirectory() as tmp:   # the latest checkpoint, as fp32 HF weights
+            weights = folder if is_hf_folder(folder) else export_checkpoint(folder, tmp)
+            model, _ = load_model(weights, torch.device("cpu"), torch.float32, need_tokenizer=False, progress=False)
+        corr = feature_corr(model, rows, sites)
+        per_site = ", ".join(f"block {i} {v:.4f}" for i, v in corr.items())
+        print(f"{run}: {folder.name}, mean |corr| {np.mean(list(corr.values())):.4f} ({per_site}; "
+              f"{rows.shape[0]} held-out rows × {rows.shape[1]} tokens)", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.feature_corr:
+        return feature_corr_of_runs(args.feature_corr)
     t_start = time.time()
     out = Path(args.out).resolve()
     extra = QUICK if args.quick else []
@@ -362,6 +451,8 @@ def main(argv=None) -> int:
         cache = run / "study_measures.json"
         if cache.is_file():
             rec = json.loads(cache.read_text())
+            for key in ("val_curve", "tau_curve", "ms_profile"):     # JSON object keys are strings: steps/layers
+                rec[key] = {int(k): v for k, v in rec[key].items()}
         else:
             rec = {**run_summary(run, iters), **measure(final_folder(run, iters), feats, sites, valid_rows, seed),
                    "seed": seed, "run": str(run)}
@@ -372,7 +463,7 @@ def main(argv=None) -> int:
         for r in runs:
             r["step_ratio"] = r["step_seconds"] / base_step[r["seed"]] if base_step.get(r["seed"]) else None
 
-    md = table(results)
+    md = table(results) + "\n\n" + paired_table(results)
     figs = figures(results, out)
     wall = time.time() - t_start
     summary = {"seeds": seeds, "iters": iters, "lambda_l2e": lam, "lambda_decorrelation": lam_dec, "scan": scan,
