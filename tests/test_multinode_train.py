@@ -11,7 +11,8 @@
   output.dir are refused within seconds, each with one line;
 * a stop signal that reaches one rank saves the step in flight on both (same tag, the `preempted` marker);
 * a resume on another data-parallel size reshards through DeepSpeed's universal checkpoints (2 → 1, 1 → 2
-  at ZeRO 1; 2 → 1 at ZeRO 3; ZeRO 2: slow).
+  at ZeRO 1; 2 → 1 at ZeRO 3; ZeRO 2: slow);
+* ``l2e.inhibition: decorrelation``: 2 ranks == 1 rank × 2 accumulation steps (loss curve, the logged term).
 """
 
 import json
@@ -309,6 +310,30 @@ def test_resume_on_another_data_parallel_size_reshards(runs, src, launcher, ref)
     end = runs["root"] / name / "checkpoints/global_step8"
     assert_l2e_close(client(end)["extensions"]["l2e"], client(runs[ref] / "checkpoints/global_step8")["extensions"]["l2e"],
                      exact=False)
+
+
+def test_decorrelation_two_ranks_equal_one_rank_with_accumulation(runs, tiny_data):
+    """Yan et al.'s term, summed per sample, adds up over real ranks like over micro-batches."""
+    dec = "{enabled: true, inhibition: decorrelation, layers: [0, 1], lam: 2.0}"
+    curves, logged = {}, {}
+    for name, micro, launch in (("dec_1r_ga2", 4, train_1rank), ("dec_2r", 4, train_2rank),
+                                ("dec_1r_mb8", 8, train_1rank), ("dec_off", 8, train_1rank)):
+        cfg = runs["root"] / f"{name}.yml"
+        cfg.write_text(tiny_run_yaml(tiny_data, runs["root"] / name, l2e=dec if name != "dec_off" else
+                                     dec.replace("decorrelation", "none"), distributed="{zero_stage: 1}")
+                       .replace("micro_batch_size: 4", f"micro_batch_size: {micro}"))
+        launch(cfg)
+        rows = [json.loads(x) for x in (runs["root"] / name / "metrics.jsonl").read_text().splitlines()]
+        curves[name] = losses(runs["root"] / name)
+        logged[name] = [r["l2e/layer1/decorrelation"] for r in rows if "l2e/layer1/decorrelation" in r]
+    assert sorted(curves["dec_2r"]) == list(range(1, 9)) and len(logged["dec_2r"]) == 8
+    for other in ("dec_1r_ga2", "dec_1r_mb8"):
+        for s in curves[other]:
+            assert curves["dec_2r"][s] == pytest.approx(curves[other][s], rel=2e-5), (other, s)
+        assert logged["dec_2r"] == pytest.approx(logged[other], rel=1e-4), other
+    assert 0 < min(logged["dec_2r"]) and max(logged["dec_2r"]) < 1
+    assert logged["dec_off"] == []                                  # monitor-only logs no term …
+    assert abs(curves["dec_2r"][8] - curves["dec_off"][8]) > 0.01   # … and the term changes training
 
 
 def test_ranks_with_different_configs_refuse_to_train(runs):
