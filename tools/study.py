@@ -337,16 +337,16 @@ def feature_corr_of_runs(runs: list[str]) -> int:
     from megatron_l2e.config import ConfigError, load_config
     from megatron_l2e.data.index import DataError
     from megatron_l2e.data.rows import TokenRows
-    from megatron_l2e.checkpoint import WEIGHTS_TAG_RE, step_of
+    from megatron_l2e.checkpoint import WEIGHTS_TAG_RE, CheckpointError, step_of
     from megatron_l2e.export import export_checkpoint, is_hf_folder
     from megatron_l2e.l2e.config import resolve_layers
 
     found = []
     for run in map(Path, runs):       # every check first, then the work
-        saves = {}                    # step → folder: full saves, then weights-only ones (preferred: no export)
-        for d in sorted((run / "checkpoints").glob("*")):
-            if step_of(d.name) is not None:
-                saves.setdefault(step_of(d.name), d)
+        saves = {}                    # step → folder: the full save `latest` names, then weights-only ones
+        latest = run / "checkpoints" / "latest"      # (a newer global_step without `latest` may be half-written)
+        if latest.is_file() and step_of(latest.read_text().strip()) is not None:
+            saves[step_of(latest.read_text().strip())] = run / "checkpoints" / latest.read_text().strip()
         for d in sorted((run / "checkpoints").glob("hf_step*")):
             if WEIGHTS_TAG_RE.match(d.name) and is_hf_folder(d):
                 saves[int(WEIGHTS_TAG_RE.match(d.name).group(1))] = d
@@ -369,7 +369,10 @@ def feature_corr_of_runs(runs: list[str]) -> int:
         sites = resolve_layers(cfg.l2e.layers, cfg.model.num_layers)
         rows = held.rows(0, min(32, held.num_rows))[:, :-1]
         with tempfile.TemporaryDirectory() as tmp:   # the latest checkpoint, as fp32 HF weights
-            weights = folder if is_hf_folder(folder) else export_checkpoint(folder, tmp)
+            try:
+                weights = folder if is_hf_folder(folder) else export_checkpoint(folder, tmp)
+            except CheckpointError as exc:
+                raise StudyError(f"--feature-corr {run}: {exc}") from None
             model, _ = load_model(weights, torch.device("cpu"), torch.float32, need_tokenizer=False, progress=False)
         corr = feature_corr(model, rows, sites)
         per_site = ", ".join(f"block {i} {v:.4f}" for i, v in corr.items())
