@@ -83,7 +83,8 @@ def test_sigterm_at_a_random_moment_then_resume_is_bit_identical(tiny_data, stra
     # The per-rank generator file is what a resume restores: a copy whose file holds other states diverges.
     other = root / "other-rng"
     shutil.copytree(run, other)
-    theirs = torch.load(ref / "checkpoints/global_step8/rng_state.rank0.pt", weights_only=True)
+    donor = 16 if stopped == 8 else 8         # another step's generators (at step 8 they would be the same)
+    theirs = torch.load(ref / f"checkpoints/global_step{donor}/rng_state.rank0.pt", weights_only=True)
     torch.save(theirs, other / "checkpoints" / tag / "rng_state.rank0.pt")
 
     p = run_train(["--config", str(cfg), "--resume", "auto"], env=ENV)
