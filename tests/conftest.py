@@ -60,6 +60,41 @@ def tiny_run_yaml(data, out_dir, **sections) -> str:
     return f"base: {ROOT}/configs/pythia/common.yml\n" + "".join(f"{k}: {v}\n" for k, v in text.items())
 
 
+@pytest.fixture(scope="module")
+def ds_world():
+    """One DeepSpeed process group (gloo on CPU, nccl on CUDA) for a test module, torn down after it."""
+    from megatron_l2e import engine as eng
+    from megatron_l2e.config import load_config
+
+    cfg = load_config(ROOT / "configs/smoke/cpu.yml", [])
+    # init_distributed fills in RANK/WORLD_SIZE/MASTER_PORT...: restore them afterwards, or every later
+    # subprocess (tests/test_train.py's runs) would inherit this process's port and fail to bind it.
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    dist = eng.init_distributed(cfg)
+    yield dist
+    eng.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def watch_penalty_grad_buffers(model, sites) -> tuple[list[bool], list]:
+    """Per backward through a site's fused penalty: did z's gradient land in the very buffer that z_out
+    (the penalty's output, a view of the block output z) received — i.e. was the add done in place?
+    Returns that growing list and the hook handles."""
+    landed: list[bool] = []
+
+    def watch(module, args, output):
+        zo = output[0] if isinstance(output, tuple) else output
+        if zo._base is not None and zo.grad_fn is not None and "Penalty" in type(zo.grad_fn).__name__:
+            ptr = {}
+            zo.register_hook(lambda g: ptr.__setitem__("in", g.data_ptr()))
+            zo._base.register_hook(lambda g: landed.append(ptr.get("in") == g.data_ptr()))
+    return landed, [model.gpt_neox.layers[i].register_forward_hook(watch) for i in sites]
+
+
 def run_train(args, *, env=None, timeout=300, check=True) -> subprocess.CompletedProcess:
     # One intra-op thread per process: tiny models gain nothing from two, and threads thrash when
     # several processes share the 2 cores.

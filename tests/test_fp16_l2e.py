@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,26 +259,6 @@ def test_skipped_step_changes_nothing_and_next_step_merges_only_its_batch(skip_a
 # ----------------------------------------------------------------------------------------------
 
 L2E_YAML = "{enabled: true, layers: [0, 1], ratio: 0.05, lam: 1.0e-3, warmup_steps: 3, late_start: 1, forget_steps: 3}"
-
-
-@pytest.fixture(scope="module")
-def ds_world():
-    """One DeepSpeed process group (gloo on CPU, nccl on CUDA) for this module, torn down after it."""
-    from megatron_l2e import engine as eng
-    from megatron_l2e.config import load_config
-
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/smoke/cpu.yml", [])
-    # init_distributed fills in RANK/WORLD_SIZE/MASTER_PORT...: restore them afterwards, or every later
-    # subprocess (tests/test_train.py's runs) would inherit this process's port and fail to bind it.
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    dist = eng.init_distributed(cfg)
-    yield dist
-    eng.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _real_run(cfg, dist, data, steps: list[int], poison_step: int | None):

@@ -12,6 +12,7 @@ tolerance.
 from __future__ import annotations
 
 import pytest
+from conftest import watch_penalty_grad_buffers
 
 pytestmark = pytest.mark.gpu
 
@@ -196,16 +197,7 @@ def test_inplace_grad_cuda_in_a_model(monkeypatch):
         l2e = L2E.attach(model, L2EConfig(enabled=True, inhibition="regularizer", selection="threshold", ratio=0.05,
                                           lam=1e-2, layers="mid2", late_start=1, warmup_steps=1),
                          global_batch_size=4)
-        same = where[name] = []
-
-        def watch(module, args, output, same=same):
-            zo = output[0] if isinstance(output, tuple) else output
-            if zo._base is not None and zo.grad_fn is not None and "Penalty" in type(zo.grad_fn).__name__:
-                ptr = {}
-                zo.register_hook(lambda g: ptr.__setitem__("in", g.data_ptr()))
-                zo._base.register_hook(lambda g: same.append(ptr.get("in") == g.data_ptr()))
-        for i in l2e.sites:
-            model.gpt_neox.layers[i].register_forward_hook(watch)
+        where[name], _ = watch_penalty_grad_buffers(model, l2e.sites)
         g = torch.Generator(device="cuda").manual_seed(1)
         per_step = []
         for _ in range(4):

@@ -18,6 +18,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
 from megatron_l2e.l2e import L2E, L2EConfig  # noqa: E402
 from megatron_l2e.l2e import kernels  # noqa: E402
+from conftest import watch_penalty_grad_buffers  # noqa: E402
 
 
 def _model():
@@ -42,16 +43,8 @@ def test_auto_kernel_matches_reference_over_training_steps(inhibition, lam):
     # Where the fused penalty's z_out (a view of the block output z) gets its gradient, and where z's
     # gradient lands: the same buffer when the backward wrote into the incoming gradient in place —
     # what GPT-NeoX's next block (two layer norms and the residual add) hands over.
-    in_place = []
-
-    def watch(module, args, output):
-        zo = output[0] if isinstance(output, tuple) else output
-        if zo._base is not None and zo.grad_fn is not None and "Penalty" in type(zo.grad_fn).__name__:
-            ptr = {}
-            zo.register_hook(lambda g: ptr.__setitem__("in", g.data_ptr()))
-            zo._base.register_hook(lambda g: in_place.append(ptr.get("in") == g.data_ptr()))
     model_auto, l2e_auto, _ = runs["auto"]
-    watchers = [model_auto.gpt_neox.layers[i].register_forward_hook(watch) for i in l2e_auto.sites]
+    in_place, watchers = watch_penalty_grad_buffers(model_auto, l2e_auto.sites)
 
     g = torch.Generator().manual_seed(1)
     threshold_phase = []        # metrics of the auto run's steps selected by the moving threshold
@@ -119,16 +112,7 @@ def test_out_of_place_add_gives_the_in_place_gradients(monkeypatch):
         cfg = L2EConfig(enabled=True, inhibition="regularizer", selection="threshold", ratio=0.05, lam=1e-2,
                         layers="mid2", late_start=1, warmup_steps=1, forget_steps=None, kernel="auto")
         l2e = L2E.attach(model, cfg, global_batch_size=4)
-        same = where[name] = []
-
-        def watch(module, args, output, same=same):
-            zo = output[0] if isinstance(output, tuple) else output
-            if zo._base is not None and zo.grad_fn is not None and "Penalty" in type(zo.grad_fn).__name__:
-                ptr = {}
-                zo.register_hook(lambda g: ptr.__setitem__("in", g.data_ptr()))
-                zo._base.register_hook(lambda g: same.append(ptr.get("in") == g.data_ptr()))
-        for i in l2e.sites:
-            model.gpt_neox.layers[i].register_forward_hook(watch)
+        where[name], _ = watch_penalty_grad_buffers(model, l2e.sites)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         g = torch.Generator().manual_seed(1)
         per_step = []

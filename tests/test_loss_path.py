@@ -182,22 +182,6 @@ def test_head_is_a_plain_linear_without_targets(tmp_path):
 # DeepSpeed, one rank: ZeRO-1 and ZeRO-3
 # ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ds_world():
-    from megatron_l2e import engine as eng
-
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/smoke/cpu.yml", [])
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    dist = eng.init_distributed(cfg)
-    yield dist
-    eng.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 class _Tokens:
     def micro_batch(self, step, j, mb, rank, world):
         g = torch.Generator().manual_seed(1000 * step + 10 * j + rank)

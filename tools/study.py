@@ -256,37 +256,25 @@ def figures(results: dict[str, list[dict]], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for v, runs in results.items():
-        steps = sorted(runs[0]["val_curve"])
-        stats_ = [t_interval([r["val_curve"][s] for r in runs]) for s in steps]
-        m = np.array([s[0] for s in stats_])
-        h = np.array([s[1] or 0.0 for s in stats_])
-        ax.plot(steps, m, label=v)
-        ax.fill_between(steps, m - h, m + h, alpha=0.2)
-    ax.set(xlabel="step", ylabel="held-out loss (nat)", title="Held-out loss, mean ± 95 % CI over seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "val_loss.png", dpi=120)
-    names.append("val_loss.png")
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for v, runs in results.items():
-        if not runs[0]["tau_curve"]:
-            continue
-        steps = sorted(set.intersection(*[set(r["tau_curve"]) for r in runs]))
-        stats_ = [t_interval([r["tau_curve"][s] for r in runs]) for s in steps]
-        m = np.array([s[0] for s in stats_])
-        h = np.array([s[1] or 0.0 for s in stats_])
-        ax.plot(steps, m, label=v)
-        ax.fill_between(steps, m - h, m + h, alpha=0.2)
-    ax.set(xlabel="step", ylabel="τ (mean over the sites)", title="Threshold trajectories (Fig. 12 at study scale)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "tau.png", dpi=120)
-    names.append("tau.png")
-    plt.close(fig)
+    for key, name, ylabel, title in (
+            ("val_curve", "val_loss.png", "held-out loss (nat)", "Held-out loss, mean ± 95 % CI over seeds"),
+            ("tau_curve", "tau.png", "τ (mean over the sites)", "Threshold trajectories (Fig. 12 at study scale)")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for v, runs in results.items():
+            if not runs[0][key]:            # no τ without L2E
+                continue
+            steps = sorted(set.intersection(*[set(r[key]) for r in runs]))
+            stats_ = [t_interval([r[key][s] for r in runs]) for s in steps]
+            m = np.array([s[0] for s in stats_])
+            h = np.array([s[1] or 0.0 for s in stats_])
+            ax.plot(steps, m, label=v)
+            ax.fill_between(steps, m - h, m + h, alpha=0.2)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        names.append(name)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v, runs in results.items():
