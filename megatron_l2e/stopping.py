@@ -132,9 +132,9 @@ class StopRequests:
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             flag = torch.tensor([local], device=device or torch.device("cpu"))
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-            if float(flag.item()) > 0 and self.reason is None:
-                self.reason = "another rank's stop request"
-            return self.reason if float(flag.item()) > 0 else None
+            if flag.item() == 0:
+                return None
+            self.reason = self.reason or "another rank's stop request"
         return self.reason
 
 
